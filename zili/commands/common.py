@@ -1,0 +1,38 @@
+"""Arguments shared by the subcommands that load a model."""
+
+from __future__ import annotations
+
+import argparse
+
+from zili.devices import DTYPES
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, optional_model: bool = True) -> None:
+    parser.add_argument("model", nargs="?" if optional_model else None, default=None,
+                        help="model folder (Hugging Face layout); default: the bundled demo model")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, xpu, ... (default: best available)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
+                        help="compute dtype (default: bf16 where the device supports it, else fp32)")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most")
+    parser.add_argument("--temperature", type=float, default=None, help="0 for greedy (default: model's)")
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def sampling_overrides(args: argparse.Namespace) -> dict:
+    values = {"max_tokens": args.max_tokens, "seed": args.seed, "stop": args.stop}
+    for name in ("temperature", "top_p", "top_k"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    return values
+
+
+def load_llm(args: argparse.Namespace):
+    from zili.llm import LLM
+
+    return LLM(args.model, device=args.device, dtype=args.dtype, progress=True)
