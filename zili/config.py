@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zili.errors import ModelLoadError
+from zili.errors import ModelLoadError, ZiliError
 
 
 @dataclass
@@ -145,3 +146,115 @@ def _layer_windows(cfg: dict[str, Any], arch: str, num_layers: int) -> list[int 
     if arch.startswith("Mistral"):
         return [int(window)] * num_layers
     return [None] * num_layers
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving engine configuration (zili/engine): one dataclass per concern, resolved once by the
+# engine against the loaded model (`EngineConfig.from_options` routes flat keyword options).
+# ---------------------------------------------------------------------------------------------
+
+class ConfigError(ZiliError, ValueError):
+    """An engine option is out of range or inconsistent with the model or the memory budget."""
+
+
+_MEMORY_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+                 "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_memory_size(value: int | float | str) -> int:
+    """Bytes from an int or a string like "4GiB", "512MB", "1.5 gib" (decimal and binary units)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"not a memory size: {value!r}")
+    if isinstance(value, (int, float)):
+        number, unit = float(value), ""
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        if not match or match.group(2).lower() not in _MEMORY_UNITS:
+            raise ConfigError(f"not a memory size: {value!r} (use bytes or e.g. 512MiB, 4GiB, 2GB)")
+        number, unit = float(match.group(1)), match.group(2).lower()
+    size = int(number * _MEMORY_UNITS[unit])
+    if size <= 0:
+        raise ConfigError(f"memory size must be positive, got {value!r}")
+    return size
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass
+class CacheConfig:
+    """The paged KV cache: block geometry, memory budget and prefix caching."""
+
+    block_size: int = 16
+    """Tokens per KV block; the unit of allocation, sharing and prefix hashing."""
+    kv_cache_memory: int | str | None = None
+    """KV cache budget in bytes or as a string ("4GiB"); None uses `kv_cache_memory_fraction`."""
+    kv_cache_memory_fraction: float = 0.25
+    """Share of the device's free memory (measured after loading the model) given to the KV cache
+    when `kv_cache_memory` is not set."""
+    num_blocks: int | None = None
+    """Exact number of KV blocks, overriding the memory budget (tests, reproducible tuning)."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV blocks of identical prompt prefixes across requests (LRU-evicted when freed)."""
+
+    def __post_init__(self):
+        _require(isinstance(self.block_size, int) and 1 <= self.block_size <= 1024,
+                 f"block_size must be an integer in [1, 1024], got {self.block_size!r}")
+        if self.kv_cache_memory is not None:
+            self.kv_cache_memory = parse_memory_size(self.kv_cache_memory)
+        _require(0 < self.kv_cache_memory_fraction <= 1,
+                 f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction!r}")
+        _require(self.num_blocks is None or (isinstance(self.num_blocks, int) and self.num_blocks >= 1),
+                 f"num_blocks must be a positive integer, got {self.num_blocks!r}")
+
+
+@dataclass
+class SchedulerConfig:
+    """Continuous batching limits and chunked prefill."""
+
+    max_num_seqs: int = 128
+    """Most sequences (a request with n > 1 counts n) running at once."""
+    max_num_batched_tokens: int | None = None
+    """Token budget of one step (prefill chunks + decodes); None: 512 with chunked prefill, else
+    max_model_len (a whole prompt must fit one step when prompts are not split)."""
+    enable_chunked_prefill: bool = True
+    """Split long prompts across steps and mix them with decodes."""
+    max_model_len: int | None = None
+    """Longest sequence (prompt + output) in tokens; None: the model's max_position_embeddings,
+    lowered to what the KV cache can hold."""
+
+    def __post_init__(self):
+        _require(isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1,
+                 f"max_num_seqs must be a positive integer, got {self.max_num_seqs!r}")
+        for name in ("max_num_batched_tokens", "max_model_len"):
+            value = getattr(self, name)
+            _require(value is None or (isinstance(value, int) and value >= 1),
+                     f"{name} must be a positive integer, got {value!r}")
+        if not self.enable_chunked_prefill and None not in (self.max_num_batched_tokens, self.max_model_len):
+            _require(self.max_num_batched_tokens >= self.max_model_len,
+                     f"without chunked prefill max_num_batched_tokens ({self.max_num_batched_tokens}) must be "
+                     f">= max_model_len ({self.max_model_len}) so any prompt fits one step")
+
+
+@dataclass
+class EngineConfig:
+    """Everything the serving engine is configured with."""
+
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    """Paged KV cache options."""
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    """Batching options."""
+
+    @classmethod
+    def from_options(cls, **options: Any) -> "EngineConfig":
+        """Route flat options (block_size=..., max_num_seqs=..., kv_cache_memory="4GiB") to their config."""
+        groups: dict[type, dict[str, Any]] = {CacheConfig: {}, SchedulerConfig: {}}
+        for name, value in options.items():
+            owner = next((c for c in groups if name in c.__dataclass_fields__), None)
+            if owner is None:
+                known = sorted(f for c in groups for f in c.__dataclass_fields__)
+                raise ConfigError(f"unknown engine option {name!r}; known: {', '.join(known)}")
+            groups[owner][name] = value
+        return cls(cache=CacheConfig(**groups[CacheConfig]), scheduler=SchedulerConfig(**groups[SchedulerConfig]))

@@ -33,6 +33,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     prompt_logprobs: list[Logprob | None] | None = None
+    metrics: "RequestMetrics | None" = None
+    """Timings and token counts (set by the serving engine)."""
 
     @property
     def text(self) -> str:
@@ -41,3 +43,21 @@ class RequestOutput:
     @property
     def token_ids(self) -> list[int]:
         return self.outputs[0].token_ids
+
+
+@dataclass
+class RequestMetrics:
+    """Per-request timings (time.monotonic seconds) and token counts, filled by the engine."""
+
+    arrival_time: float
+    first_token_time: float | None = None
+    finished_time: float | None = None
+    ttft_s: float | None = None
+    """Time to first token: first_token_time - arrival_time."""
+    tpot_s: float | None = None
+    """Time per output token after the first, once finished with at least two tokens."""
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+    """Tokens generated over all n completions."""
+    num_cached_prompt_tokens: int = 0
+    """Prompt tokens whose KV came from the prefix cache."""

@@ -1,0 +1,214 @@
+"""LLMEngine: requests in, RequestOutput snapshots out, one `step()` at a time.
+
+What belongs here: request admission and validation, the step loop (schedule -> execute ->
+sample -> update), finishing and aborting requests, and engine metrics. Scheduling policy,
+block bookkeeping, tensors, sampling and detokenization live in their own modules.
+
+Not thread-safe: one thread drives an engine (see `AsyncLLMEngine` for the server).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from zili.config import EngineConfig, ModelConfig
+from zili.engine.block_manager import BlockManager
+from zili.engine.metrics import EngineMetrics
+from zili.engine.model_runner import ModelOutput, ModelRunner
+from zili.engine.output_processor import OutputProcessor
+from zili.engine.planning import plan_engine
+from zili.engine.scheduler import Scheduler
+from zili.engine.sequence import Request, Sequence
+from zili.errors import InvalidRequestError, ZiliError
+from zili.layers.sampler import Sampler, SamplingRow
+from zili.models.generation_config import GenerationDefaults
+from zili.models.tokenizer import Tokenizer
+from zili.outputs import RequestOutput
+from zili.sampling_params import SamplingParams
+
+
+class EngineStepError(ZiliError):
+    """A step failed while running the model for a batch; `request_ids` were in that batch."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException):
+        super().__init__(f"engine step failed for {len(request_ids)} request(s): {type(cause).__name__}: {cause}")
+        self.request_ids = request_ids
+
+
+def resolve_eos_token_ids(tokenizer: Tokenizer, defaults: GenerationDefaults, config: ModelConfig) -> list[int]:
+    """generation_config.json's EOS ids, else config.json's, else the tokenizer's EOS token."""
+    ids = list(defaults.eos_token_ids) or list(config.eos_token_id)
+    if not ids and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+class LLMEngine:
+    def __init__(self, model: nn.Module, model_config: ModelConfig, tokenizer: Tokenizer,
+                 eos_token_ids: list[int], engine_config: EngineConfig | None = None, **options):
+        if engine_config is not None and options:
+            raise TypeError("pass either an EngineConfig or keyword options, not both")
+        self.config = engine_config or EngineConfig.from_options(**options)
+        self.model, self.model_config, self.tokenizer = model, model_config, tokenizer
+        self.eos_token_ids = list(eos_token_ids)
+        weights = next(p for p in model.parameters() if p.is_floating_point())
+        self.plan = plan_engine(self.config, model_config, weights.dtype, weights.device)
+        self.max_model_len = self.plan.max_model_len
+        self.block_manager = BlockManager(self.plan.num_blocks, self.plan.block_size,
+                                          self.config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(self.plan.scheduler, self.block_manager)
+        self.runner = ModelRunner(model, model_config, self.plan.num_blocks, self.plan.block_size)
+        self.sampler = Sampler(weights.device)
+        self.output_processor = OutputProcessor(tokenizer, self.eos_token_ids, self.max_model_len)
+        self.requests: dict[str, Request] = {}
+        self.fault_hook: Callable[[Sequence], None] | None = None
+        """Test hook, called with every scheduled sequence before the model runs; raising fails the batch."""
+        self._request_counter = itertools.count()
+        self._counters = dict(prompt_tokens=0, generation_tokens=0, finished=0, aborted=0)
+
+    @classmethod
+    def from_folder(cls, path: str | Path, device: str | None = None, dtype: str | torch.dtype | None = None,
+                    progress: bool = False, **options) -> "LLMEngine":
+        from zili.models.loader import load_model
+
+        model, config = load_model(path, device=device, dtype=dtype, progress=progress)
+        tokenizer = Tokenizer.from_folder(path)
+        eos = resolve_eos_token_ids(tokenizer, GenerationDefaults.from_folder(path), config)
+        return cls(model, config, tokenizer, eos, **options)
+
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams,
+                      strict_max_tokens: bool = False) -> None:
+        """Raise InvalidRequestError unless the request can run. Pure: safe from any thread.
+
+        With `strict_max_tokens`, prompt + max_tokens must fit max_model_len (the OpenAI API's
+        rule); otherwise generation just ends with "length" at max_model_len.
+        """
+        num_prompt, limit, vocab = len(prompt_token_ids), self.max_model_len, self.model_config.vocab_size
+        if num_prompt == 0:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
+        if num_prompt >= limit:
+            raise InvalidRequestError(
+                f"the prompt has {num_prompt} tokens but this model's maximum context length is {limit} "
+                f"tokens, leaving no room to generate", param="prompt")
+        if strict_max_tokens and params.max_tokens is not None and num_prompt + params.max_tokens > limit:
+            raise InvalidRequestError(
+                f"this model's maximum context length is {limit} tokens, but {num_prompt + params.max_tokens} were "
+                f"requested ({num_prompt} in the prompt, {params.max_tokens} in max_tokens)", param="max_tokens")
+        if params.n > self.plan.scheduler.max_num_seqs:
+            raise InvalidRequestError(f"n={params.n} exceeds this engine's max_num_seqs "
+                                      f"({self.plan.scheduler.max_num_seqs})", param="n")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise InvalidRequestError(f"logit_bias token ids must be < {vocab}", param="logit_bias")
+
+    def add_request(self, request_id: str | None, prompt_token_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None, strict_max_tokens: bool = False) -> Request:
+        if request_id is None:
+            request_id = f"request-{next(self._request_counter)}"
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already running", param="request_id")
+        self.check_request(prompt_token_ids, params, strict_max_tokens)
+        request = Request.create(request_id, prompt_token_ids, params, prompt, self.plan.block_size)
+        self.scheduler.add_request(request)
+        self.requests[request_id] = request
+        self._counters["prompt_tokens"] += len(prompt_token_ids)
+        return request
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its blocks; returns its final snapshot (None if unknown)."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq in request.sequences:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+        for seq in request.sequences:
+            self._release(seq)
+        request.finished_time = time.monotonic()
+        self._counters["aborted"] += 1
+        return self.output_processor.snapshot(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Schedule -> execute -> sample -> update. Returns a snapshot of each request that progressed."""
+        batch = self.scheduler.schedule()
+        if not batch.chunks:
+            return []
+        try:
+            for chunk in batch.chunks:
+                if self.fault_hook is not None:
+                    self.fault_hook(chunk.seq)
+            model_output = self.runner.execute(batch)
+            sampled = self.sampler(model_output.sample_logits, [self._sampling_row(s) for s in model_output.sample_seqs])
+        except Exception as error:
+            raise EngineStepError(batch.request_ids, error) from error
+        self.scheduler.update(batch)
+        self._record_prompt_logprobs(model_output)
+        progressed: dict[str, Request] = {}
+        for seq, token_id, logprob in zip(model_output.sample_seqs, sampled.token_ids, sampled.logprobs):
+            if self.output_processor.append_token(seq, token_id, logprob):
+                self._finish(seq)
+            progressed[seq.request.request_id] = seq.request
+        self._counters["generation_tokens"] += len(sampled.token_ids)
+        return [self.output_processor.snapshot(request) for request in progressed.values()]
+
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        params = seq.params
+        blocked = self.output_processor.stop_token_ids(seq) if seq.num_output_tokens < params.min_tokens else []
+        penalized = params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
+        return SamplingRow(params, seq.output_token_ids if penalized else [],
+                           seq.prompt_token_ids if penalized else [], blocked,
+                           self.sampler.generator(seq.seq_id, seq.seed))
+
+    def _record_prompt_logprobs(self, output: ModelOutput) -> None:
+        if not output.prompt_rows:
+            return
+        targets = [token for _, _, token in output.prompt_rows]
+        num_top = [request.params.prompt_logprobs for request, _, _ in output.prompt_rows]
+        for (request, position, _), logprob in zip(output.prompt_rows,
+                                                   self.sampler.prompt_logprobs(output.prompt_logits, targets, num_top)):
+            if len(request.prompt_logprobs) == position + 1:
+                request.prompt_logprobs.append(logprob)
+
+    def _finish(self, seq: Sequence) -> None:
+        self._release(seq)
+        request = seq.request
+        if request.is_finished and request.request_id in self.requests:
+            request.finished_time = time.monotonic()
+            del self.requests[request.request_id]
+            self._counters["finished"] += 1
+
+    def _release(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+        self.sampler.forget(seq.seq_id)
+
+    # ---- metrics --------------------------------------------------------------------------
+
+    def metrics(self) -> EngineMetrics:
+        bm, counters = self.block_manager, self._counters
+        return EngineMetrics(
+            num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+            kv_blocks_used=bm.num_used_blocks, kv_blocks_free=bm.num_free_blocks, kv_blocks_total=bm.num_blocks,
+            kv_block_size=bm.block_size, prefix_cache_queries=bm.prefix_queries_tokens,
+            prefix_cache_hits=bm.prefix_hits_tokens, prefix_cache_hit_rate=bm.prefix_cache_hit_rate,
+            num_preemptions=self.scheduler.num_preemptions, prompt_tokens_total=counters["prompt_tokens"],
+            generation_tokens_total=counters["generation_tokens"], num_requests_finished=counters["finished"],
+            num_requests_aborted=counters["aborted"])

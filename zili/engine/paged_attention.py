@@ -1,0 +1,191 @@
+"""Attention over the paged KV cache: the serving engine's `AttentionBackend`.
+
+Cache layout, one tensor for all layers: (num_layers, 2 [k, v], num_kv_heads, num_slots, head_dim)
+with slot = block_id * block_size + offset. One extra block at the end (`pad_slot` onwards) is kept
+at zero: padded gather indices point there, so masked-out positions never read uninitialised
+memory (0 * NaN would poison the output).
+
+A flat batch holds decode tokens first (sequences computing exactly one token), then prefill
+segments (several tokens of one sequence, possibly after a cached prefix or earlier chunks):
+
+- decodes: one batched gather of every sequence's context (padded to the longest), then the query
+  heads that share a KV head are folded into one matmul (GQA without repeat_interleave);
+- prefills: per segment, `scaled_dot_product_attention` over the gathered context with a causal
+  (and sliding-window) mask offset by the number of tokens already cached; a segment without a
+  cached prefix attends over its own new k / v directly (no gather).
+
+Index tensors are built once per step (`AttentionMetadata.build`) and shared by all layers.
+The dense `zili.layers.attention.sdpa_attention` is the test oracle for both paths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from zili.layers.attention import causal_mask
+
+
+class PagedKVCache:
+    """The KV tensors of every layer, `num_blocks` blocks of `block_size` slots plus a zero pad block."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.pad_block = num_blocks
+        self.pad_slot = num_blocks * block_size
+        num_slots = (num_blocks + 1) * block_size
+        # empty, not zeros: on CPU zeros would touch (and commit) the whole budget up front
+        self.kv = torch.empty(num_layers, 2, num_kv_heads, num_slots, head_dim, dtype=dtype, device=device)
+        self.kv[:, :, :, self.pad_slot:].zero_()
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                        dtype: torch.dtype) -> int:
+        element_size = torch.empty((), dtype=dtype).element_size()
+        return num_layers * 2 * num_kv_heads * block_size * head_dim * element_size
+
+
+@dataclass
+class PrefillSegment:
+    token_start: int
+    token_end: int
+    """[token_start, token_end) rows of the flat batch belong to this segment."""
+    context_len: int
+    """Keys attended by the last query: cached prefix + this segment's tokens."""
+    context_slots: torch.Tensor | None
+    """(context_len,) cache slots to gather; None when there is no cached prefix."""
+    masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor
+    """(T,) int64 cache slot receiving each new token's k / v."""
+    num_decode_tokens: int
+    decode_slots: torch.Tensor | None
+    """(B, L) int64 context slots of each decode sequence, padded with the pad slot."""
+    decode_context_lens: torch.Tensor | None
+    """(B,) int64 context length (new token included) of each decode sequence."""
+    decode_uniform: bool
+    """All decode contexts have the same length (no padding mask needed)."""
+    prefills: list[PrefillSegment]
+    _decode_masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, segments: list[tuple[list[int], int, int]], block_size: int, pad_block: int,
+              device: torch.device) -> "AttentionMetadata":
+        """segments: (block_table, start position, num_tokens) per sequence, decodes (num_tokens 1) first."""
+        slots: list[int] = []
+        decode_tables, decode_lens, prefills = [], [], []
+        for table, start, num_tokens in segments:
+            slots.extend(table[p // block_size] * block_size + p % block_size
+                         for p in range(start, start + num_tokens))
+            if num_tokens == 1 and not prefills:
+                decode_tables.append(table)
+                decode_lens.append(start + 1)
+                continue
+            context_slots = None
+            if start > 0:
+                blocks = torch.tensor(table[:-(-(start + num_tokens) // block_size)], dtype=torch.long)
+                offsets = torch.arange(block_size, dtype=torch.long)
+                context_slots = (blocks[:, None] * block_size + offsets).flatten()[:start + num_tokens]
+                context_slots = context_slots.to(device, non_blocking=True)
+            token_start = len(slots) - num_tokens
+            prefills.append(PrefillSegment(token_start, len(slots), start + num_tokens, context_slots))
+        decode_slots = decode_context_lens = None
+        if decode_tables:
+            width = max(len(t) for t in decode_tables)
+            tables = torch.tensor([t + [pad_block] * (width - len(t)) for t in decode_tables], dtype=torch.long)
+            lens = torch.tensor(decode_lens, dtype=torch.long)
+            length = max(decode_lens)
+            positions = torch.arange(length, dtype=torch.long)
+            decode_slots = tables[:, positions // block_size] * block_size + positions % block_size  # (B, L)
+            decode_slots.masked_fill_(positions[None, :] >= lens[:, None], pad_block * block_size)
+            decode_slots = decode_slots.to(device, non_blocking=True)
+            decode_context_lens = lens.to(device, non_blocking=True)
+        slot_mapping = torch.tensor(slots, dtype=torch.long).to(device, non_blocking=True)
+        return cls(slot_mapping, len(decode_tables), decode_slots, decode_context_lens,
+                   len(set(decode_lens)) <= 1, prefills)
+
+    def decode_mask(self, sliding_window: int | None) -> torch.Tensor | None:
+        """(B, L) bool, True where a decode query must NOT attend; None when nothing is masked."""
+        if sliding_window not in self._decode_masks:
+            lens = self.decode_context_lens
+            length = self.decode_slots.shape[1]
+            mask = None
+            if not self.decode_uniform or (sliding_window is not None and length > sliding_window):
+                positions = torch.arange(length, device=lens.device)[None, :]
+                mask = positions >= lens[:, None]
+                if sliding_window is not None:
+                    mask |= positions < (lens[:, None] - sliding_window)
+            self._decode_masks[sliding_window] = mask
+        return self._decode_masks[sliding_window]
+
+
+class PagedAttention:
+    """`AttentionBackend` for one forward pass: stores new k / v in the paged cache and attends."""
+
+    def __init__(self, cache: PagedKVCache, metadata: AttentionMetadata):
+        self.cache = cache
+        self.metadata = metadata
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               scale: float, sliding_window: int | None) -> torch.Tensor:
+        """q: (T, Hq, D); k, v: (T, Hkv, D) -> (T, Hq, D)."""
+        md = self.metadata
+        k_cache, v_cache = self.cache.kv[layer, 0], self.cache.kv[layer, 1]  # (Hkv, slots, D)
+        k_cache.index_copy_(1, md.slot_mapping, k.transpose(0, 1))
+        v_cache.index_copy_(1, md.slot_mapping, v.transpose(0, 1))
+        num_decode = md.num_decode_tokens
+        if not md.prefills:
+            return decode_attention(q, k_cache, v_cache, md.decode_slots, md.decode_mask(sliding_window), scale)
+        out = torch.empty_like(q)
+        if num_decode:
+            out[:num_decode] = decode_attention(q[:num_decode], k_cache, v_cache, md.decode_slots,
+                                                md.decode_mask(sliding_window), scale)
+        for seg in md.prefills:
+            rows = slice(seg.token_start, seg.token_end)
+            if seg.context_slots is None:
+                keys, values = k[rows].transpose(0, 1), v[rows].transpose(0, 1)  # (Hkv, Tq, D)
+            else:
+                keys, values = k_cache[:, seg.context_slots], v_cache[:, seg.context_slots]  # (Hkv, Lk, D)
+            out[rows] = prefill_attention(q[rows], keys, values, scale, sliding_window, seg)
+        return out
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                     masked: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """One query per sequence. q: (B, Hq, D); caches (Hkv, slots, D); slots / masked: (B, L) -> (B, Hq, D).
+
+    The G = Hq / Hkv query heads sharing a KV head form the rows of one matmul per (KV head,
+    sequence), so K and V are read once per KV head instead of being repeated G times.
+    """
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[0]
+    keys, values = k_cache[:, slots], v_cache[:, slots]                     # (Hkv, B, L, D)
+    queries = (q * scale).view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim).transpose(0, 1)
+    scores = torch.matmul(queries, keys.transpose(-1, -2))                  # (Hkv, B, G, L)
+    if masked is not None:
+        scores.masked_fill_(masked[None, :, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+    out = torch.matmul(probs, values)                                       # (Hkv, B, G, D)
+    return out.transpose(0, 1).reshape(batch, num_heads, head_dim)
+
+
+def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
+                      sliding_window: int | None, seg: PrefillSegment) -> torch.Tensor:
+    """q: (Tq, Hq, D); keys, values: (Hkv, Lk, D), the queries being the last Tq keys -> (Tq, Hq, D)."""
+    num_queries, context_len = q.shape[0], keys.shape[1]
+    queries = q.transpose(0, 1)                                             # (Hq, Tq, D)
+    if sliding_window is None and num_queries == context_len:
+        out = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=scale,
+                                             enable_gqa=True)
+    else:
+        if sliding_window not in seg.masks:
+            seg.masks[sliding_window] = causal_mask(num_queries, context_len, sliding_window, q.device)
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=seg.masks[sliding_window],
+                                             scale=scale, enable_gqa=True)
+    return out.transpose(0, 1)
