@@ -68,7 +68,10 @@ def _target(model: nn.Module, key: str) -> tuple[nn.Module, str, str, int | None
 
 def _load_tensor(module: nn.Module, tensor_name: str, tensor: torch.Tensor, shard: int | None, key: str) -> None:
     if hasattr(module, "load_weight"):
-        module.load_weight(tensor_name, tensor, shard)
+        try:
+            module.load_weight(tensor_name, tensor, shard)
+        except CheckpointFormatError as e:  # the layer only knows "weight"; name the checkpoint key
+            raise CheckpointFormatError(f"{key}: {e}") from None
         return
     param = getattr(module, tensor_name, None)
     if not isinstance(param, torch.Tensor):
