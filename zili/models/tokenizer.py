@@ -145,7 +145,7 @@ class Tokenizer:
                                          add_generation_prompt=add_generation_prompt, **variables)
         except jinja2.TemplateError as e:
             raise TokenizerError(f"chat template error: {e}") from None
-        except (TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError) as e:
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError, ArithmeticError) as e:
             raise TokenizerError(f"chat template failed on these messages: {type(e).__name__}") from None
         if len(text) > MAX_TEMPLATE_OUTPUT_CHARS:
             raise TokenizerError("rendered chat prompt is too large")
