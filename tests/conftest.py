@@ -1,4 +1,6 @@
-"""Fixtures shared by every test area (and the test process settings: offline, one torch thread). Everything is built offline, on the CPU, in well under a second.
+"""Fixtures shared by every test area, and the test process settings (offline, one torch thread).
+
+Everything is built offline, on the CPU, in well under a second.
 
 Fixtures
 - `tokenizer_dir` (session): a folder with a tiny byte-level BPE `tokenizer.json` (vocab ~300,

@@ -37,6 +37,7 @@ She said: "Let us go to the park", and they went there together after lunch.
 Numbers like 1, 2, 3, 42 and 2024 appear in text too, as do dates and prices.
 Le café est très bon, et le thé aussi. Où est la gare? Voilà, c'est ici.
 你好，世界。我们今天学习中文。日本語も少し。中文很有意思，我们一起学习。
+中文学习，中文学习，日本語。我们学习中文。你好你好你好。
 """
 
 BOS_TOKEN = "<|begin|>"
