@@ -1,0 +1,287 @@
+"""Render a results dict (see run.py) as docs/benchmarks.md plus a PNG chart.
+
+    python benchmarks/report.py [benchmarks/work/results/latest.json]   # re-render without measuring
+
+Missing figures show as "—" (engine not available yet, or a subset run); ratios are zili / peer
+from the same run; "% of bound" = decode tok/s x weight bytes read per token / read bandwidth.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from common import GGUF_TYPE, PRECISIONS, REPO_DIR, RESULTS_DIR
+
+DOC_PATH = REPO_DIR / "docs" / "benchmarks.md"
+CHART_PATH = REPO_DIR / "docs" / "benchmarks.png"
+# Goals of issue 7: (label, engine pair, figure, precision, minimum ratio)
+GOALS = [
+    *[(f"decode {p} vs llama.cpp {GGUF_TYPE[p]}", "llama.cpp", "decode_tok_s", p, 1.2) for p in PRECISIONS],
+    ("prefill 512 bf16 vs llama.cpp BF16", "llama.cpp", "prefill_tok_s", "bf16", 3.0),
+    ("decode bf16 vs transformers", "transformers", "decode_tok_s", "bf16", 2.0),
+]
+
+
+def get(results: dict, *keys, default=None):
+    node = results
+    for key in keys:
+        if not isinstance(node, dict) or key not in node:
+            return default
+        node = node[key]
+    return node
+
+
+def fmt(value, digits: int = 1, suffix: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:,.{digits}f}{suffix}"
+
+
+def ratio(a, b) -> float | None:
+    return a / b if a and b else None
+
+
+def bound_percent(results: dict, engine: str, precision: str) -> float | None:
+    """Decode tok/s as a share of bandwidth / weight bytes per token."""
+    tok_s = get(results, engine, precision, "decode_tok_s")
+    weight_bytes = get(results, engine, precision, "bytes_per_token")
+    gbps = get(results, "bandwidth", precision, "best_gbps")
+    if not (tok_s and weight_bytes and gbps):
+        return None
+    return 100.0 * tok_s * weight_bytes / (gbps * 1e9)
+
+
+def server_ratio(results: dict, peer: str) -> float | None:
+    zili = get(results, "server", "zili", "bf16", "throughput_tok_s")
+    if peer == "transformers":
+        return ratio(zili, get(results, "transformers", "bf16", "batch_tok_s"))
+    return ratio(zili, get(results, "server", "llama-server", "bf16", "throughput_tok_s"))
+
+
+def goal_rows(results: dict) -> list[str]:
+    rows = []
+    for label, peer, figure, precision, target in GOALS:
+        value = ratio(get(results, "zili", precision, figure), get(results, peer, precision, figure))
+        rows.append(_goal_row(label, value, target, "x"))
+    for precision in PRECISIONS:
+        rows.append(_goal_row(f"decode {precision} % of bandwidth bound", bound_percent(results, "zili", precision),
+                              85.0, "%"))
+    rows.append(_goal_row("16 streams: zili serve vs llama-server (bf16)", server_ratio(results, "llama-server"),
+                          3.0, "x"))
+    rows.append(_goal_row("16 requests: zili serve vs transformers static batch", server_ratio(results, "transformers"),
+                          3.0, "x"))
+    return rows
+
+
+def _goal_row(label: str, value: float | None, target: float, unit: str) -> str:
+    status = "—" if value is None else ("reached" if value >= target else "not yet")
+    shown = fmt(value, 0 if unit == "%" else 2, unit)
+    return f"| {label} | >= {fmt(target, 0 if unit == '%' else 1, unit)} | {shown} | {status} |"
+
+
+def offline_table(results: dict, figure: str) -> list[str]:
+    decode = figure == "decode_tok_s"
+    header = "| precision | zili tok/s | llama.cpp tok/s | zili / llama.cpp | transformers tok/s | zili / transformers |"
+    if decode:
+        header += " zili % of bound | llama.cpp % of bound | weight MB/token (zili / llama.cpp) |"
+    lines = [header, header_rule(header)]
+    for precision in PRECISIONS:
+        zili = get(results, "zili", precision, figure)
+        peer = get(results, "llama.cpp", precision, figure)
+        hf = get(results, "transformers", precision, figure)
+        row = (f"| {precision} (llama.cpp {GGUF_TYPE[precision]}) | {fmt(zili)} | {fmt(peer)} | "
+               f"{fmt(ratio(zili, peer), 2, 'x')} | {fmt(hf)} | {fmt(ratio(zili, hf), 2, 'x')} |")
+        if decode:
+            mb = [get(results, e, precision, "bytes_per_token") for e in ("zili", "llama.cpp")]
+            row += (f" {fmt(bound_percent(results, 'zili', precision), 0, '%')} |"
+                    f" {fmt(bound_percent(results, 'llama.cpp', precision), 0, '%')} |"
+                    f" {fmt(mb[0] and mb[0] / 1e6, 0)} / {fmt(mb[1] and mb[1] / 1e6, 0)} |")
+        lines.append(row)
+    return lines
+
+
+def header_rule(header: str) -> str:
+    return "|" + "---|" * (header.count("|") - 1)
+
+
+def server_table(results: dict) -> list[str]:
+    header = ("| server | precision | throughput tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | "
+              "tokens / request | peak RSS MB |")
+    lines = [header, header_rule(header)]
+    for name in ("zili", "llama-server"):
+        for precision, run in sorted((get(results, "server", name) or {}).items()):
+            label = precision if name == "zili" else GGUF_TYPE.get(precision, precision)
+            lines.append(
+                f"| {name} | {label} | {fmt(run.get('throughput_tok_s'))} | "
+                f"{fmt(_ms(run.get('ttft_p50_s')), 0)} / {fmt(_ms(run.get('ttft_p99_s')), 0)} | "
+                f"{fmt(_ms(run.get('tpot_p50_s')), 1)} / {fmt(_ms(run.get('tpot_p99_s')), 1)} | "
+                f"{run.get('tokens_per_request', '—')} | {fmt(_mb(run.get('peak_rss_bytes')), 0)} |")
+    batch = get(results, "transformers", "bf16")
+    if batch and batch.get("batch_tok_s"):
+        lines.append(f"| transformers (static batch of {batch.get('batch')}, offline, no server) | bf16 | "
+                     f"{fmt(batch['batch_tok_s'])} | — | — | — | {fmt(_mb(batch.get('peak_rss_bytes')), 0)} |")
+    zili_batch = get(results, "zili", "bf16")
+    if zili_batch and zili_batch.get("batch_tok_s"):
+        lines.append(f"| zili `LLM.generate` (batch of {zili_batch.get('batch')}, offline, no server) | bf16 | "
+                     f"{fmt(zili_batch['batch_tok_s'])} | — | — | — | {fmt(_mb(zili_batch.get('peak_rss_bytes')), 0)} |")
+    return lines
+
+
+def _ms(seconds):
+    return seconds * 1000 if seconds is not None else None
+
+
+def _mb(num_bytes):
+    return num_bytes / 1e6 if num_bytes else None
+
+
+def headline_table(results: dict) -> list[str]:
+    """The short table for the README: decode per precision, prefill, 16 streams."""
+    header = "| figure | zili | llama.cpp | zili / llama.cpp |"
+    lines = [header, header_rule(header)]
+    for precision in PRECISIONS:
+        z, p = get(results, "zili", precision, "decode_tok_s"), get(results, "llama.cpp", precision, "decode_tok_s")
+        lines.append(f"| decode tok/s, batch 1, {precision} ({GGUF_TYPE[precision]}) | {fmt(z)} | {fmt(p)} | "
+                     f"{fmt(ratio(z, p), 2, 'x')} |")
+    z, p = get(results, "zili", "bf16", "prefill_tok_s"), get(results, "llama.cpp", "bf16", "prefill_tok_s")
+    lines.append(f"| prefill tok/s, 512 tokens, bf16 | {fmt(z)} | {fmt(p)} | {fmt(ratio(z, p), 2, 'x')} |")
+    z = get(results, "server", "zili", "bf16", "throughput_tok_s")
+    p = get(results, "server", "llama-server", "bf16", "throughput_tok_s")
+    lines.append(f"| server tok/s, 16 streams, bf16 | {fmt(z)} | {fmt(p)} | {fmt(ratio(z, p), 2, 'x')} |")
+    return lines
+
+
+def render_markdown(results: dict) -> str:
+    machine = results.get("machine", {})
+    versions = results.get("versions", {})
+    bandwidth = results.get("bandwidth", {})
+    bw_text = "; ".join(f"{p}: {fmt(b.get('best_gbps'))} GB/s best, {fmt(b.get('median_gbps'))} median "
+                        f"over {fmt(b.get('bytes', 0) / 1e6, 0)} MB" for p, b in bandwidth.items()) or "—"
+    settings = results.get("settings", {})
+    out = [
+        "# zili benchmarks",
+        "",
+        f"Generated by `make bench` (`python benchmarks/run.py`) on {results.get('date', '?')}. Every figure is "
+        "from this one run on this machine; ratios are zili / peer measured back to back. "
+        f"Median of {settings.get('reps', '?')} repetitions.",
+        "",
+        f"**Machine:** {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, "
+        f"{machine.get('memory_gib', '?')} GiB RAM, ISA {', '.join(machine.get('isa', []))}; {machine.get('os', '')}. "
+        f"Load average when the run started: {machine.get('load_average_at_start', '?')}; "
+        f"threads per engine: {settings.get('threads', '?')}.",
+        "",
+        *([f"> **Note:** {results['note']}", ""] if results.get("note") else []),
+        "**Versions:** " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+        "",
+        "**Workload** (docs PERFORMANCE.md): random-weight Llama, hidden 896, intermediate 4864, 24 layers, "
+        "14 heads, 2 KV heads, vocab 32000, tied embeddings (~387M parameters), created by "
+        "`benchmarks/make_checkpoint.py`; llama.cpp runs the same weights converted to GGUF. Generation length "
+        "is fixed (EOS ignored).",
+        "",
+        f"**Read bandwidth** (streaming read, buffer the size of the weights): {bw_text}.",
+        "",
+        "![benchmarks](benchmarks.png)",
+        "",
+        f"## Batch-1 decode ({settings.get('decode_tokens', 128)} new tokens after a short prompt)",
+        "",
+        *offline_table(results, "decode_tok_s"),
+        "",
+        "% of bound = decode tok/s x weight bytes read per token / best read bandwidth (the tied "
+        "embedding is read once, as the output head).",
+        "",
+        f"## Prefill ({settings.get('prefill_tokens', 512)}-token prompt)",
+        "",
+        *offline_table(results, "prefill_tok_s"),
+        "",
+        f"## Server: {settings.get('streams', 16)} concurrent streams x {settings.get('decode_tokens', 128)} tokens",
+        "",
+        *server_table(results),
+        "",
+        "Throughput = all generated tokens / wall time of a round of concurrent streaming requests "
+        "(`benchmarks/load_client.py`, the same client for both servers); TTFT and TPOT pooled over all "
+        "requests of all rounds; peak RSS summed over the server's process tree.",
+        "",
+        "## Goals (issue 7)",
+        "",
+        "| goal | target | measured | status |",
+        "|---|---|---|---|",
+        *goal_rows(results),
+        "",
+    ]
+    if results.get("errors"):
+        out += ["## Not measured in this run", "", *[f"- {e}" for e in results["errors"]], ""]
+    out += ["## Method", "",
+            "- zili: `zili.llm.LLM` (`benchmarks/offline_zili.py`) and `zili serve`; int8 / int4 checkpoints "
+            "from `zili quantize`.",
+            "- llama.cpp: `llama-bench -t T -p 512 -n 128 -r N` and `llama-server -np 16`, built from the "
+            "llama-cpp-python source package with AVX-512 and without AMX (`benchmarks/setup_peers.py`).",
+            "- transformers: `generate` in bf16 (`benchmarks/offline_transformers.py`); its 16-request figure is "
+            "a static batch, as in PERFORMANCE.md.",
+            "- Decode tok/s for zili and transformers = 128 / (time of 129 new tokens - time of 1 new token), "
+            "so the prompt's prefill is not counted; llama-bench's tg128 is the same quantity.",
+            ""]
+    return "\n".join(out)
+
+
+def render_chart(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    engines = (("zili", "#2a7"), ("llama.cpp", "#37c"), ("transformers", "#c73"))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    panels = (("decode tok/s, batch 1", "decode_tok_s"), ("prefill tok/s, 512 tokens", "prefill_tok_s"))
+    for ax, (title, figure) in zip(axes, panels):
+        width = 0.27
+        for offset, (engine, color) in enumerate(engines):
+            values = [get(results, engine, p, figure) or 0 for p in PRECISIONS]
+            bars = ax.bar([i + (offset - 1) * width for i in range(len(PRECISIONS))], values, width,
+                          label=engine, color=color)
+            ax.bar_label(bars, labels=[f"{v:.0f}" if v else "" for v in values], fontsize=7)
+        ax.set_xticks(range(len(PRECISIONS)), [f"{p}\n({GGUF_TYPE[p]})" for p in PRECISIONS])
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    labels, values, colors = [], [], []
+    for name, label, color in (("zili", "zili serve", "#2a7"), ("llama-server", "llama-server", "#37c")):
+        for precision, run in sorted((get(results, "server", name) or {}).items()):
+            labels.append(f"{label}\n{precision}")
+            values.append(run.get("throughput_tok_s") or 0)
+            colors.append(color)
+    hf = get(results, "transformers", "bf16", "batch_tok_s")
+    if hf:
+        labels.append("transformers\nstatic batch")
+        values.append(hf)
+        colors.append("#c73")
+    bars = axes[2].bar(range(len(values)), values, color=colors)
+    axes[2].bar_label(bars, labels=[f"{v:.0f}" for v in values], fontsize=7)
+    axes[2].set_xticks(range(len(values)), labels, fontsize=8)
+    axes[2].set_title("16 concurrent streams, tok/s")
+    fig.suptitle(f"zili vs peers, {results.get('machine', {}).get('cores', '?')} cores, {results.get('date', '')}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(results: dict, doc_path: Path = DOC_PATH, chart_path: Path = CHART_PATH) -> None:
+    doc_path.parent.mkdir(parents=True, exist_ok=True)
+    doc_path.write_text(render_markdown(results))
+    try:
+        render_chart(results, chart_path)
+    except ImportError:
+        print("[report] matplotlib missing: no chart (run benchmarks/setup_peers.py)", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    source = Path(argv[0]) if argv else RESULTS_DIR / "latest.json"
+    results = json.loads(source.read_text())
+    write_report(results)
+    print("\n".join(headline_table(results)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,265 @@
+"""`make bench`: set up the peers, build the workload, measure zili and the peers in one run, report.
+
+    python benchmarks/run.py                          # everything (tens of minutes on 2 cores)
+    python benchmarks/run.py --only decode --reps 5   # a subset: bandwidth,decode,prefill,batch,server
+    python benchmarks/run.py --skip-server --engines zili,llama.cpp --precisions bf16,int4
+    python benchmarks/report.py                       # re-render docs/benchmarks.md from the last run
+
+Steps: benchmarks/setup_peers.py (pip tools, llama.cpp build), make_checkpoint.py (random
+weights), `zili quantize` (int8 / int4), GGUF conversion (BF16 / Q8_0 / Q4_0), read bandwidth,
+offline figures (each engine in its own process), servers, then docs/benchmarks.md and
+docs/benchmarks.png. A step that cannot run (a zili part not there yet) is recorded under
+"Not measured" and the rest goes on. Results: benchmarks/work/results/<date>.json and latest.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import llamacpp
+import setup_peers
+from common import (GGUF_TYPE, MODEL_DIR, PRECISIONS, QUANT_DIR, REPO_DIR, RESULTS_DIR, gguf_bytes_per_token,
+                    log, machine_description, run_child, safetensors_bytes_per_token)
+from report import headline_table, write_report
+from servers import free_port, llama_server_command, measure_server, zili_serve_command
+
+FIGURES = ("bandwidth", "decode", "prefill", "batch", "server")
+ENGINES = ("zili", "llama.cpp", "transformers")
+BITS = {"int8": 8, "int4": 4}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=",".join(FIGURES), help=f"comma list of {', '.join(FIGURES)}")
+    parser.add_argument("--skip-server", action="store_true", help="same as leaving `server` out of --only")
+    parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument("--precisions", default=",".join(PRECISIONS), help="offline precisions")
+    parser.add_argument("--server-precisions", default="bf16", help="precisions for the server figure")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions; the median is reported")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="compute threads per engine")
+    parser.add_argument("--prefill-tokens", type=int, default=512)
+    parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--streams", type=int, default=16)
+    parser.add_argument("--skip-setup", action="store_true", help="do not run setup_peers.py")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="llama.cpp compile jobs")
+    parser.add_argument("--note", default="", help="a remark printed at the top of the report")
+    parser.add_argument("--no-report", action="store_true", help="measure only; keep docs/ untouched")
+    args = parser.parse_args(argv)
+    args.figures = {f for f in args.only.split(",") if f} - ({"server"} if args.skip_server else set())
+    args.engines = [e for e in args.engines.split(",") if e]
+    args.precisions = [p for p in args.precisions.split(",") if p]
+    args.server_precisions = [p for p in args.server_precisions.split(",") if p]
+    for name, values, allowed in (("--only", args.figures, FIGURES), ("--engines", args.engines, ENGINES),
+                                  ("--precisions", args.precisions + args.server_precisions, PRECISIONS)):
+        unknown = set(values) - set(allowed)
+        if unknown:
+            parser.error(f"{name}: unknown {sorted(unknown)}; choose from {', '.join(allowed)}")
+    return args
+
+
+class Run:
+    """Collects results and errors; `step` runs one part and records a failure instead of stopping."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.results: dict = {
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": machine_description(), "note": args.note, "errors": [],
+            "settings": {k: getattr(args, k) for k in ("reps", "threads", "prefill_tokens", "decode_tokens",
+                                                       "streams", "engines", "precisions", "server_precisions")},
+        }
+        self.results["settings"]["figures"] = sorted(args.figures)
+
+    def step(self, label: str, func, *func_args):
+        log(f"== {label}")
+        started = time.perf_counter()
+        try:
+            value = func(*func_args)
+            log(f"   {label}: done in {time.perf_counter() - started:.0f}s")
+            return value
+        except Exception as e:  # noqa: BLE001 - one failing part must not lose the others
+            message = f"{label}: {type(e).__name__}: {e}"
+            log("   " + message)
+            self.results["errors"].append(message)
+            return None
+
+    def put(self, engine: str, precision: str, values: dict) -> None:
+        self.results.setdefault(engine, {}).setdefault(precision, {}).update(values)
+
+
+def setup(args: argparse.Namespace) -> None:
+    command = [sys.executable, str(Path(__file__).parent / "setup_peers.py"), "--jobs", str(args.jobs)]
+    if "llama.cpp" not in args.engines:
+        command.append("--skip-llama-cpp")
+    subprocess.run(command, check=True)
+
+
+def make_checkpoint() -> None:
+    subprocess.run([sys.executable, str(Path(__file__).parent / "make_checkpoint.py"), "--out", str(MODEL_DIR)],
+                   check=True)
+
+
+def zili_quantize(precision: str) -> Path:
+    """A zili int8 / int4 checkpoint of the benchmark model via `zili quantize` (created once)."""
+    out = QUANT_DIR / precision
+    if (out / "config.json").exists():
+        return out
+    base = [sys.executable, "-m", "zili.cli", "quantize"]
+    help_text = subprocess.run([*base, "--help"], capture_output=True, text=True, cwd=REPO_DIR)
+    if help_text.returncode != 0:
+        raise RuntimeError("`zili quantize` is not available yet")
+    command = [*base, str(MODEL_DIR)]
+    text = help_text.stdout
+    command += ["--bits", str(BITS[precision])] if "--bits" in text else ["--scheme", precision]
+    command += ["--output" if "--output" in text else "--out", str(out)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log(" ".join(command[2:]))
+    subprocess.run(command, check=True, cwd=REPO_DIR)
+    return out
+
+
+def zili_model(precision: str) -> Path:
+    return MODEL_DIR if precision == "bf16" else zili_quantize(precision)
+
+
+def versions(peers: dict) -> dict:
+    found = {}
+    for package in ("zili", "torch", "transformers"):
+        try:
+            from importlib.metadata import version
+            found[package] = version(package)
+        except Exception:  # noqa: BLE001
+            found[package] = "not installed"
+    try:
+        found["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                      cwd=REPO_DIR).stdout.strip()
+    except OSError:
+        pass
+    if peers:
+        found["llama.cpp"] = f"vendored in llama-cpp-python {peers['llama_cpp_version']}"
+    return found
+
+
+def prepare_models(run: Run, peers: dict, precisions: list[str]) -> tuple[dict, dict]:
+    """zili checkpoints and GGUF files per precision, with the weight bytes a decode step reads."""
+    zili_paths, ggufs = {}, {}
+    if "zili" in run.args.engines:
+        for precision in precisions:
+            path = run.step(f"zili {precision} checkpoint", zili_model, precision)
+            if path:
+                zili_paths[precision] = path
+                run.put("zili", precision, {"bytes_per_token": safetensors_bytes_per_token(path)})
+    if "llama.cpp" in run.args.engines:
+        if not peers:
+            run.results["errors"].append("llama.cpp: not built (run benchmarks/setup_peers.py)")
+            return zili_paths, ggufs
+        files = run.step("GGUF conversion", llamacpp.convert, MODEL_DIR, peers,
+                         tuple(GGUF_TYPE[p] for p in precisions)) or {}
+        for precision in precisions:
+            if GGUF_TYPE[precision] in files:
+                ggufs[precision] = files[GGUF_TYPE[precision]]
+                weight_bytes = gguf_bytes_per_token(ggufs[precision], Path(peers["llama_cpp_source"]))
+                run.put("llama.cpp", precision, {"quant_type": GGUF_TYPE[precision], "bytes_per_token": weight_bytes})
+    return zili_paths, ggufs
+
+
+def measure_bandwidth(run: Run) -> None:
+    """One streaming-read figure per precision, over a buffer of that precision's weight bytes."""
+    for precision in run.args.precisions:
+        size = (run.results.get("zili", {}).get(precision, {}).get("bytes_per_token")
+                or run.results.get("llama.cpp", {}).get(precision, {}).get("bytes_per_token"))
+        if size:
+            bw = run.step(f"read bandwidth over {size / 1e6:.0f} MB", run_child, "bandwidth.py",
+                          ["--bytes", str(size), "--threads", str(run.args.threads), "--reps", "5"],
+                          f"bandwidth-{precision}", 600)
+            if bw:
+                run.results.setdefault("bandwidth", {})[precision] = bw
+
+
+def measure_offline(run: Run, peers: dict, zili_paths: dict, ggufs: dict) -> None:
+    args = run.args
+    figures = [f for f in ("decode", "prefill", "batch") if f in args.figures]
+    common_args = ["--threads", str(args.threads), "--reps", str(args.reps), "--prefill-tokens",
+                   str(args.prefill_tokens), "--decode-tokens", str(args.decode_tokens), "--batch", str(args.streams)]
+    for precision in args.precisions:
+        if precision in zili_paths:
+            wanted = [f for f in figures if f != "batch" or precision == "bf16"]
+            out = run.step(f"zili offline {precision}", run_child, "offline_zili.py",
+                           ["--model", str(zili_paths[precision]), "--precision", precision,
+                            "--figures", ",".join(wanted), *common_args], f"zili-{precision}", 7200)
+            if out:
+                run.put("zili", precision, out)
+        if precision in ggufs and {"decode", "prefill"} & set(figures):
+            out = run.step(f"llama-bench {GGUF_TYPE[precision]}", llamacpp.bench, peers["llama-bench"],
+                           ggufs[precision], args.threads, args.reps, args.prefill_tokens, args.decode_tokens,
+                           set(figures))
+            if out:
+                run.put("llama.cpp", precision, out)
+    if "transformers" in args.engines and "bf16" in args.precisions:
+        out = run.step("transformers offline bf16", run_child, "offline_transformers.py",
+                       ["--model", str(MODEL_DIR), "--figures", ",".join(figures), *common_args],
+                       "transformers-bf16", 7200)
+        if out:
+            run.put("transformers", "bf16", out)
+
+
+def measure_servers(run: Run, peers: dict, zili_paths: dict, ggufs: dict) -> None:
+    args = run.args
+    load = (args.streams, args.decode_tokens, args.reps)
+    servers = run.results.setdefault("server", {})
+    for precision in args.server_precisions:
+        if precision in zili_paths:
+            port = free_port()
+            command = zili_serve_command(zili_paths[precision], port, args.streams, args.threads)
+            out = run.step(f"zili serve {precision}", measure_server, f"zili-{precision}", command, port,
+                           ("/ready", "/health"), zili_paths[precision].name, *load)
+            if out:
+                servers.setdefault("zili", {})[precision] = out
+        if precision in ggufs:
+            port = free_port()
+            command = llama_server_command(peers["llama-server"], ggufs[precision], port, args.streams,
+                                           args.threads, context_per_stream=512)
+            out = run.step(f"llama-server {GGUF_TYPE[precision]}", measure_server, f"llama-server-{precision}",
+                           command, port, ("/health",), "model", *load)
+            if out:
+                servers.setdefault("llama-server", {})[precision] = out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    run = Run(args)
+    if not args.skip_setup:
+        run.step("set up peers", setup, args)
+    peers = setup_peers.peer_paths() if setup_peers.peers_ready() else {}
+    run.results["versions"] = versions(peers)
+    run.step("benchmark checkpoint", make_checkpoint)
+    server_precisions = args.server_precisions if "server" in args.figures else []
+    zili_paths, ggufs = prepare_models(run, peers, list(dict.fromkeys(args.precisions + server_precisions)))
+    if "bandwidth" in args.figures:
+        measure_bandwidth(run)
+    if {"decode", "prefill", "batch"} & args.figures:
+        measure_offline(run, peers, zili_paths, ggufs)
+    if "server" in args.figures:
+        measure_servers(run, peers, zili_paths, ggufs)
+
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for path in (RESULTS_DIR / f"{stamp}.json", RESULTS_DIR / "latest.json"):
+        path.write_text(json.dumps(run.results, indent=1))
+    if not args.no_report:
+        write_report(run.results)
+        log("wrote docs/benchmarks.md and docs/benchmarks.png")
+    print("\n".join(headline_table(run.results)))
+    if run.results["errors"]:
+        log("not measured: " + "; ".join(run.results["errors"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
