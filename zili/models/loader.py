@@ -103,13 +103,20 @@ def load_weights(model: nn.Module, folder: Path, progress: bool = False) -> None
             except SafetensorError as e:
                 raise CheckpointFormatError(f"{path.name}: unreadable safetensors file ({e})") from None
     _check_complete(model, loaded)
+    for module in model.modules():  # quantized layers pack their staged tensors once, here
+        if hasattr(module, "finish_loading"):
+            module.finish_loading()
 
 
 def _check_complete(model: nn.Module, loaded: dict[tuple[str, str], set]) -> None:
     missing = []
     seen = set()
+    # layers that stage checkpoint tensors (quantized linears) report what they miss themselves
+    self_checked = [(path, m) for path, m in model.named_modules() if hasattr(m, "missing_tensors")]
+    for path, module in self_checked:
+        missing += [f"{path}.{name}" for name in module.missing_tensors()]
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if id(tensor) in seen:
+        if id(tensor) in seen or any(name.startswith(f"{path}.") for path, _ in self_checked):
             continue
         seen.add(id(tensor))
         module_path, _, tensor_name = name.rpartition(".")

@@ -1,0 +1,1 @@
+"""Weight compression: RTN / GPTQ / AWQ quantization (model -> model) and quantized checkpoint formats."""

@@ -1,0 +1,1 @@
+"""Model evaluation: perplexity over a text with a sliding window."""
