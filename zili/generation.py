@@ -78,8 +78,10 @@ def generate_tokens(model: nn.Module, prompt_ids: list[int], params: SamplingPar
         hidden = model(tokens, positions, cache)
         cache.advance(tokens.numel())
         logits = model.compute_logits(hidden[-1:])[0]
+        if step < params.min_tokens:  # as vLLM: stop tokens cannot be sampled before min_tokens
+            logits[[i for i in stop_ids if i < logits.numel()]] = float("-inf")
         token = sample_token(logits, params, generator)
-        if token in stop_ids and step + 1 >= params.min_tokens:
+        if token in stop_ids:
             yield StepResult(token, "stop")
             return
         yield StepResult(token, "length" if step + 1 == max_new else None)
