@@ -78,10 +78,12 @@ def validation_error(exc: RequestValidationError) -> APIError:
     if kind in ("json_invalid", "json_type") or kind.startswith("json"):
         return APIError(400, "the request body is not valid JSON", code="invalid_json")
     param = _loc_to_param(tuple(first.get("loc", ())))
+    detail = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if param is None:
-        return APIError(400, "the request body must be a JSON object with the documented fields",
-                        code="invalid_body")
-    message = f"{param}: {first.get('msg', 'invalid value')}"
+        if kind != "value_error":
+            detail = "the request body must be a JSON object with the documented fields"
+        return APIError(400, detail, code="invalid_body")
+    message = f"{param}: {detail}"
     return APIError(400, message, param=param, code="invalid_value")
 
 

@@ -72,6 +72,7 @@ async def metrics(request: Request):
 
 
 @router.post("/tokenize")
+@router.post("/v1/tokenize", include_in_schema=False)
 async def tokenize(body: TokenizeRequest, request: Request):
     state = get_state(request)
     if body.model is not None:
@@ -89,6 +90,7 @@ async def tokenize(body: TokenizeRequest, request: Request):
 
 
 @router.post("/detokenize")
+@router.post("/v1/detokenize", include_in_schema=False)
 async def detokenize(body: DetokenizeRequest, request: Request):
     state = get_state(request)
     if body.model is not None:
