@@ -12,12 +12,13 @@ from zili.engine.paged_attention import AttentionMetadata, PagedAttention, Paged
 from zili.layers.attention import causal_mask, sdpa_attention
 
 
-def run_batch(specs, num_heads, num_kv_heads, window, dtype=torch.float32, block_size=4, head_dim=16, seed=0):
+def run_batch(specs, num_heads, num_kv_heads, window, dtype=torch.float32, block_size=4, head_dim=16, seed=0,
+              device="cpu"):
     """specs: (cached tokens, new tokens) per sequence. Returns max |paged - oracle| per sequence."""
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     num_layers, num_blocks = 2, 96
-    cache = PagedKVCache(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, "cpu")
+    cache = PagedKVCache(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device)
     cache.kv[:, :, :, :cache.pad_slot] = float("nan")  # unwritten slots must never be read
     free = list(range(num_blocks))
     rng.shuffle(free)  # scattered, non-contiguous block tables
@@ -31,15 +32,16 @@ def run_batch(specs, num_heads, num_kv_heads, window, dtype=torch.float32, block
     for (cached, _), table, k, v in zip(specs, tables, keys, values):
         for p in range(cached):
             slot = table[p // block_size] * block_size + p % block_size
-            cache.kv[:, 0, :, slot], cache.kv[:, 1, :, slot] = k[:, p], v[:, p]
+            cache.kv[:, 0, :, slot], cache.kv[:, 1, :, slot] = k[:, p].to(device), v[:, p].to(device)
     metadata = AttentionMetadata.build([(t, c, n) for (c, n), t in zip(specs, tables)], block_size,
-                                       cache.pad_block, torch.device("cpu"))
+                                       cache.pad_block, torch.device(device))
     errors = []
     for layer in range(num_layers):
         q = torch.randn(sum(n for _, n in specs), num_heads, head_dim, generator=gen).to(dtype)
         new_k = torch.cat([k[layer, c:] for (c, _), k in zip(specs, keys)])
         new_v = torch.cat([v[layer, c:] for (c, _), v in zip(specs, values)])
-        out = PagedAttention(cache, metadata).attend(layer, q, new_k, new_v, 0.25, window)
+        out = PagedAttention(cache, metadata).attend(layer, q.to(device), new_k.to(device), new_v.to(device),
+                                                     0.25, window).cpu()
         row = 0
         for (cached, new), k, v in zip(specs, keys, values):
             mask = causal_mask(new, cached + new, window, "cpu")

@@ -44,10 +44,7 @@ class ModelRunner:
                                      self.dtype, self.device)
 
     def _to_device(self, values: list[int]) -> torch.Tensor:
-        tensor = torch.tensor(values, dtype=torch.long)
-        if self.device.type != "cpu":
-            tensor = tensor.pin_memory()
-        return tensor.to(self.device, non_blocking=True)
+        return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelOutput:
