@@ -38,17 +38,17 @@ def pack_int32(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
     return (words.t() if dim == 0 else words).contiguous()
 
 
-def unpack_int32(packed: torch.Tensor, bits: int, length: int, dim: int = 1) -> torch.Tensor:
+def unpack_int32(packed: torch.Tensor, bits: int, length: int, dim: int = 1, name: str = "packed tensor") -> torch.Tensor:
     """Inverse of `pack_int32`: int32 words -> uint8 codes with `length` entries along `dim`."""
-    if packed.dtype != torch.int32:
-        raise CheckpointFormatError(f"packed quantized weights must be int32, got {packed.dtype}")
+    if packed.dtype != torch.int32 or packed.dim() != 2:
+        raise CheckpointFormatError(f"{name} must be a 2-D int32 tensor, got {packed.dtype} {tuple(packed.shape)}")
     per_word = 32 // bits
     words = packed.to(torch.int64) & 0xFFFFFFFF
     if dim == 0:
         words = words.t()
     if words.shape[1] != packed_length(length, bits):
         raise CheckpointFormatError(
-            f"packed tensor holds {words.shape[1]} words along dim {dim}, "
+            f"{name} {tuple(packed.shape)} holds {words.shape[1]} words along dim {dim}, "
             f"expected {packed_length(length, bits)} for {length} {bits}-bit values")
     shifts = torch.arange(per_word, dtype=torch.int64, device=words.device) * bits
     values = ((words[..., None] >> shifts) & ((1 << bits) - 1)).reshape(words.shape[0], -1)[:, :length]

@@ -7,8 +7,9 @@ output matches those implementations bit for bit):
 - asymmetric: s = (max(w, 0) - min(w, 0)) / (2**b - 1),  z = round(-min(w, 0) / s)
 - codes:      c = clamp(round(w / s + (z - 2**(b-1))) + 2**(b-1), 0, 2**b - 1)
 
-Scales are rounded to the dtype they are stored in (`scale_dtype`) before the codes are
-computed, so the stored scale is the one the codes were made for.
+Scales are rounded up to the dtype they are stored in (`scale_dtype`) before the codes are
+computed: the stored scale is the one the codes were made for, and rounding up keeps every weight
+within half a step of the grid (rounding down could push max|w| past the top code).
 """
 
 from __future__ import annotations
@@ -17,6 +18,14 @@ import torch
 
 from zili.compress.scheme import QuantScheme
 from zili.layers.quantized.weight import QuantizedWeight
+
+
+def _round_up_to(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 values -> the nearest `dtype` values >= them, returned as fp32."""
+    stored = values.to(dtype)
+    stored = torch.where(stored.float() < values, torch.nextafter(stored, torch.full_like(stored, float("inf"))),
+                         stored)
+    return stored.float()
 
 
 def compute_qparams(weight: torch.Tensor, scheme: QuantScheme,
@@ -31,7 +40,7 @@ def compute_qparams(weight: torch.Tensor, scheme: QuantScheme,
         scales = torch.maximum(-w_min, w_max) / (scheme.max_code / 2)
     else:
         scales = (w_max - w_min) / scheme.max_code
-    scales = torch.where(scales == 0, torch.finfo(scale_dtype).eps, scales).to(scale_dtype).float()
+    scales = _round_up_to(torch.where(scales == 0, torch.finfo(scale_dtype).eps, scales), scale_dtype)
     if scheme.symmetric:
         zeros = torch.full_like(scales, scheme.mid_code)
     else:

@@ -31,14 +31,14 @@ class AwqDecoder:
         groups = in_features // group_size
         if out_features % 8:
             raise CheckpointFormatError(f"AWQ GEMM layers need a multiple of 8 outputs, got {out_features}")
-        codes = awq_deinterleave(unpack_int32(tensors["qweight"], BITS, out_features, dim=1))    # (K, N)
+        codes = awq_deinterleave(unpack_int32(tensors["qweight"], BITS, out_features, 1, "qweight"))    # (K, N)
         if codes.shape[0] != in_features:
             raise CheckpointFormatError(f"qweight has {codes.shape[0]} rows, expected {in_features}")
         scales = tensors["scales"]
         if tuple(scales.shape) != (groups, out_features) or not scales.is_floating_point():
             raise CheckpointFormatError(f"scales has shape {tuple(scales.shape)}, expected ({groups}, {out_features})")
         if "qzeros" in tensors:
-            zeros = awq_deinterleave(unpack_int32(tensors["qzeros"], BITS, out_features, dim=1))  # (G, N)
+            zeros = awq_deinterleave(unpack_int32(tensors["qzeros"], BITS, out_features, 1, "qzeros"))  # (G, N)
             if zeros.shape[0] != groups:
                 raise CheckpointFormatError(f"qzeros has {zeros.shape[0]} rows, expected {groups}")
         else:

@@ -41,7 +41,7 @@ class PackQuantizedDecoder:
             raise CheckpointFormatError(f"weight_shape {shape} does not match the layer ({out_features}, {in_features})")
         group_size = in_features if self.group_size is None else self.group_size
         groups = in_features // group_size
-        codes = unpack_int32(tensors["weight_packed"], self.bits, in_features, dim=1)
+        codes = unpack_int32(tensors["weight_packed"], self.bits, in_features, 1, "weight_packed")
         if codes.shape[0] != out_features:
             raise CheckpointFormatError(f"weight_packed has {codes.shape[0]} rows, expected {out_features}")
         scales = tensors["weight_scale"]
@@ -53,7 +53,7 @@ class PackQuantizedDecoder:
         if self.symmetric:
             zeros = torch.full((out_features, groups), 1 << (self.bits - 1), dtype=torch.uint8)
         else:
-            zeros = unpack_int32(tensors["weight_zero_point"], self.bits, out_features, dim=0)
+            zeros = unpack_int32(tensors["weight_zero_point"], self.bits, out_features, 0, "weight_zero_point")
         perm = None
         if "weight_g_idx" in tensors:
             perm = perm_from_g_idx(tensors["weight_g_idx"], group_size)

@@ -29,8 +29,8 @@ class GptqDecoder:
     def decode(self, tensors: dict[str, torch.Tensor], out_features: int, in_features: int) -> QuantizedWeight:
         group_size = in_features if self.group_size == -1 else self.group_size
         groups = in_features // group_size
-        codes = unpack_int32(tensors["qweight"], self.bits, in_features, dim=0)         # (K, N)
-        zeros = unpack_int32(tensors["qzeros"], self.bits, out_features, dim=1)         # (G, N)
+        codes = unpack_int32(tensors["qweight"], self.bits, in_features, 0, "qweight")         # (K, N)
+        zeros = unpack_int32(tensors["qzeros"], self.bits, out_features, 1, "qzeros")         # (G, N)
         scales = tensors["scales"]
         if codes.shape[1] != out_features or tuple(zeros.shape) != (groups, out_features):
             raise CheckpointFormatError(
