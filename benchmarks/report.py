@@ -129,6 +129,38 @@ def server_table(results: dict) -> list[str]:
     return lines
 
 
+def profile_section(results: dict) -> list[str]:
+    """Where one bf16 decode step's time goes (benchmarks/profile_decode.py)."""
+    prof = results.get("profile")
+    if not prof:
+        return []
+    torch_prof = prof.get("torch_profiler", {})
+    wall = prof.get("wall_ms_per_token")
+    under = torch_prof.get("wall_ms_per_token_under_profiler")
+    lines = [f"## Where zili's batch-1 bf16 decode time goes", "",
+             f"{fmt(wall, 1)} ms per token without a profiler ({fmt(prof.get('decode_tok_s'))} tok/s), "
+             f"{fmt(under, 1)} ms under torch.profiler. Op self-time per token, charged to the innermost zili "
+             "file on the op's Python stack; host overhead = wall time minus all op time (Python, scheduling, "
+             "input building, dispatch).", "",
+             "| part | ms / token | share of the step |", "|---|---|---|"]
+    parts = dict(torch_prof.get("op_ms_per_token", {}))
+    parts["host overhead (not inside any op)"] = torch_prof.get("host_overhead_ms_per_token")
+    for name, ms in parts.items():
+        lines.append(f"| {name} | {fmt(ms, 2)} | {fmt(ms and under and 100 * ms / under, 0, '%')} |")
+    top = torch_prof.get("top_ops_ms_per_token", {})
+    if top:
+        lines += ["", "Top ops: " + ", ".join(f"`{k}` {v:.2f} ms" for k, v in list(top.items())[:8]) + "."]
+    spy = prof.get("py_spy") or {}
+    if spy.get("share_by_category"):
+        shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in spy["share_by_category"].items())
+        lines += ["", f"py-spy ({spy.get('samples')} samples of the decode loop, native stacks): {shares}; "
+                  f"{100 * spy.get('share_python_interpreter', 0):.0f}% of samples in the Python interpreter, "
+                  f"{100 * spy.get('share_native', 0):.0f}% in native code."]
+    elif spy.get("error"):
+        lines += ["", f"py-spy: {spy['error']}"]
+    return lines + [""]
+
+
 def _ms(seconds):
     return seconds * 1000 if seconds is not None else None
 
@@ -139,6 +171,7 @@ def _mb(num_bytes):
 
 def headline_table(results: dict) -> list[str]:
     """The short table for the README: decode per precision, prefill, 16 streams."""
+    settings = results.get("settings", {})
     header = "| figure | zili | llama.cpp | zili / llama.cpp |"
     lines = [header, header_rule(header)]
     for precision in PRECISIONS:
@@ -146,10 +179,10 @@ def headline_table(results: dict) -> list[str]:
         lines.append(f"| decode tok/s, batch 1, {precision} ({GGUF_TYPE[precision]}) | {fmt(z)} | {fmt(p)} | "
                      f"{fmt(ratio(z, p), 2, 'x')} |")
     z, p = get(results, "zili", "bf16", "prefill_tok_s"), get(results, "llama.cpp", "bf16", "prefill_tok_s")
-    lines.append(f"| prefill tok/s, 512 tokens, bf16 | {fmt(z)} | {fmt(p)} | {fmt(ratio(z, p), 2, 'x')} |")
+    lines.append(f"| prefill tok/s, {settings.get('prefill_tokens', 512)} tokens, bf16 | {fmt(z)} | {fmt(p)} | {fmt(ratio(z, p), 2, 'x')} |")
     z = get(results, "server", "zili", "bf16", "throughput_tok_s")
     p = get(results, "server", "llama-server", "bf16", "throughput_tok_s")
-    lines.append(f"| server tok/s, 16 streams, bf16 | {fmt(z)} | {fmt(p)} | {fmt(ratio(z, p), 2, 'x')} |")
+    lines.append(f"| server tok/s, {settings.get('streams', 16)} streams, bf16 | {fmt(z)} | {fmt(p)} | {fmt(ratio(z, p), 2, 'x')} |")
     return lines
 
 
@@ -203,6 +236,7 @@ def render_markdown(results: dict) -> str:
         "(`benchmarks/load_client.py`, the same client for both servers); TTFT and TPOT pooled over all "
         "requests of all rounds; peak RSS summed over the server's process tree.",
         "",
+        *profile_section(results),
         "## Goals (issue 7)",
         "",
         "| goal | target | measured | status |",
@@ -219,8 +253,9 @@ def render_markdown(results: dict) -> str:
             "llama-cpp-python source package with AVX-512 and without AMX (`benchmarks/setup_peers.py`).",
             "- transformers: `generate` in bf16 (`benchmarks/offline_transformers.py`); its 16-request figure is "
             "a static batch, as in PERFORMANCE.md.",
-            "- Decode tok/s for zili and transformers = 128 / (time of 129 new tokens - time of 1 new token), "
-            "so the prompt's prefill is not counted; llama-bench's tg128 is the same quantity.",
+            "- Decode tok/s for zili and transformers = 128 / (time of new token 129 - time of new token 1), from "
+            "per-token timestamps, so the prompt's prefill is not counted (llama-bench's tg128 times the same "
+            "steps); prefill tok/s = 512 / time to the first new token.",
             ""]
     return "\n".join(out)
 
@@ -230,9 +265,11 @@ def render_chart(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    settings = results.get("settings", {})
     engines = (("zili", "#2a7"), ("llama.cpp", "#37c"), ("transformers", "#c73"))
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
-    panels = (("decode tok/s, batch 1", "decode_tok_s"), ("prefill tok/s, 512 tokens", "prefill_tok_s"))
+    panels = (("decode tok/s, batch 1", "decode_tok_s"),
+              (f"prefill tok/s, {settings.get('prefill_tokens', 512)} tokens", "prefill_tok_s"))
     for ax, (title, figure) in zip(axes, panels):
         width = 0.27
         for offset, (engine, color) in enumerate(engines):
@@ -257,7 +294,7 @@ def render_chart(results: dict, path: Path) -> None:
     bars = axes[2].bar(range(len(values)), values, color=colors)
     axes[2].bar_label(bars, labels=[f"{v:.0f}" for v in values], fontsize=7)
     axes[2].set_xticks(range(len(values)), labels, fontsize=8)
-    axes[2].set_title("16 concurrent streams, tok/s")
+    axes[2].set_title(f"{settings.get('streams', 16)} concurrent streams, tok/s")
     fig.suptitle(f"zili vs peers, {results.get('machine', {}).get('cores', '?')} cores, {results.get('date', '')}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,14 @@
 """`make bench`: set up the peers, build the workload, measure zili and the peers in one run, report.
 
     python benchmarks/run.py                          # everything (tens of minutes on 2 cores)
-    python benchmarks/run.py --only decode --reps 5   # a subset: bandwidth,decode,prefill,batch,server
+    python benchmarks/run.py --only decode --reps 5   # a subset: bandwidth,decode,prefill,batch,server,profile
     python benchmarks/run.py --skip-server --engines zili,llama.cpp --precisions bf16,int4
     python benchmarks/report.py                       # re-render docs/benchmarks.md from the last run
 
 Steps: benchmarks/setup_peers.py (pip tools, llama.cpp build), make_checkpoint.py (random
 weights), `zili quantize` (int8 / int4), GGUF conversion (BF16 / Q8_0 / Q4_0), read bandwidth,
-offline figures (each engine in its own process), servers, then docs/benchmarks.md and
+offline figures (each engine in its own process), servers, a profile of zili's bf16 decode
+(benchmarks/profile_decode.py), then docs/benchmarks.md and
 docs/benchmarks.png. A step that cannot run (a zili part not there yet) is recorded under
 "Not measured" and the rest goes on. Results: benchmarks/work/results/<date>.json and latest.json.
 """
@@ -29,7 +30,7 @@ from common import (GGUF_TYPE, MODEL_DIR, PRECISIONS, QUANT_DIR, REPO_DIR, RESUL
 from report import headline_table, write_report
 from servers import free_port, llama_server_command, measure_server, zili_serve_command
 
-FIGURES = ("bandwidth", "decode", "prefill", "batch", "server")
+FIGURES = ("bandwidth", "decode", "prefill", "batch", "server", "profile")
 ENGINES = ("zili", "llama.cpp", "transformers")
 BITS = {"int8": 8, "int4": 4}
 
@@ -247,6 +248,12 @@ def main(argv: list[str] | None = None) -> int:
         measure_offline(run, peers, zili_paths, ggufs)
     if "server" in args.figures:
         measure_servers(run, peers, zili_paths, ggufs)
+    if "profile" in args.figures and "bf16" in zili_paths:
+        out = run.step("profile zili bf16 decode", run_child, "profile_decode.py",
+                       ["--model", str(zili_paths["bf16"]), "--threads", str(args.threads), "--py-spy"],
+                       "profile-bf16", 3600)
+        if out:
+            run.results["profile"] = out
 
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -67,6 +67,8 @@ def has_module(name: str) -> bool:
 
 def ensure_python_packages() -> None:
     missing = [req for name, req in BENCH_PACKAGES.items() if not has_module(name)]
+    if tool_path("py-spy") is None:
+        missing.append("py-spy")  # sampling profiler for benchmarks/profile_decode.py --py-spy
     if missing:
         log(f"pip install {' '.join(missing)}")
         pip_install(*missing)

@@ -1,0 +1,182 @@
+"""Where zili's batch-1 decode time goes, per token: matmuls vs attention vs the rest vs Python.
+
+Drives the engine's step loop on the benchmark checkpoint (one request, short prompt, then
+decode steps) three ways:
+
+1. wall clock: ms per decode step without any profiler (the figure the others are shares of);
+2. torch.profiler with Python stacks: each aten op's self CPU time is charged to the innermost
+   zili source file on its stack (layers/linear.py -> matmul, engine/paged_attention.py ->
+   attention, ...), so the categories follow zili's own code; "host overhead" = wall time per
+   step minus all op time (Python, scheduling, tensor building, dispatch between ops);
+3. optionally py-spy (`--py-spy`, a benchmark-only tool: `pip install py-spy`): sampled native
+   + Python stacks, charged the same way, and split into time inside native code vs the Python
+   interpreter.
+
+    python benchmarks/profile_decode.py --model benchmarks/work/model [--steps 64] [--py-spy]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from common import LOG_DIR, emit, median
+
+# zili source file (suffix match on the stack frame's file) -> category; first match wins,
+# checked from the innermost zili frame outwards.
+CATEGORIES = (
+    ("layers/quantized", "matmul (GEMV)"),
+    ("compress/", "matmul (GEMV)"),
+    ("layers/linear.py", "matmul (GEMV)"),
+    ("paged_attention.py", "attention"),
+    ("layers/attention.py", "attention"),
+    ("layers/rotary.py", "rotary"),
+    ("layers/norm.py", "rmsnorm"),
+    ("layers/activation.py", "activation"),
+    ("layers/sampler.py", "sampling"),
+    ("engine/model_runner.py", "runner (inputs, logits)"),
+    ("models/", "model glue (embedding, residual adds)"),
+    ("engine/", "engine (scheduler, outputs)"),
+)
+OTHER = "other"
+
+
+def categorize(frames: list[str]) -> str:
+    """frames: innermost first; each names its source file ('zili/layers/linear.py(45): forward')."""
+    for frame in frames:
+        if "zili/" not in frame:
+            continue
+        for suffix, category in CATEGORIES:
+            if suffix in frame:
+                return category
+    return OTHER
+
+
+def build_engine(model: str, threads: int, max_model_len: int):
+    from zili.llm import LLM
+    torch.set_num_threads(threads)
+    return LLM(model, dtype="bfloat16", max_model_len=max_model_len)
+
+
+def decode_steps(llm, prompt_tokens: int, steps: int, around=contextlib.nullcontext()) -> list[float]:
+    """Prefill a random prompt, then time `steps` decode steps (seconds each) inside `around`."""
+    from zili.sampling_params import SamplingParams
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, llm.config.vocab_size, (prompt_tokens,), generator=generator).tolist()
+    params = SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True)
+    engine = llm.engine
+    engine.add_request(None, prompt, params)
+    engine.step()  # prefill + first token
+    durations = []
+    with around:
+        while engine.has_unfinished_requests():
+            start = time.perf_counter()
+            engine.step()
+            durations.append(time.perf_counter() - start)
+    return durations
+
+
+def torch_profile(llm, prompt_tokens: int, steps: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+    prof = profile(activities=[ProfilerActivity.CPU], with_stack=True, record_shapes=False)
+    durations = decode_steps(llm, prompt_tokens, steps, around=prof)
+    by_category: dict[str, float] = collections.defaultdict(float)
+    by_op: dict[str, float] = collections.defaultdict(float)
+    for event in prof.events():
+        if not event.name.startswith("aten::"):
+            continue
+        # Python frames are events too (named 'path(line): function'); the parent chain of an op
+        # is its stack, innermost first.
+        frames, parent = [], event.cpu_parent
+        while parent is not None:
+            if ".py(" in parent.name:
+                frames.append(parent.name)
+            parent = parent.cpu_parent
+        category = categorize(frames)
+        by_category[category] += event.self_cpu_time_total / 1e3  # ms
+        by_op[event.name] += event.self_cpu_time_total / 1e3
+    profiled_ms = sum(durations) * 1e3
+    num = len(durations)
+    per_token = {k: v / num for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])}
+    ops = {k: v / num for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])[:15]}
+    return {"steps": num, "wall_ms_per_token_under_profiler": profiled_ms / num,
+            "op_ms_per_token": per_token, "top_ops_ms_per_token": ops}
+
+
+def py_spy_profile(args: argparse.Namespace) -> dict:
+    """Re-run this script under `py-spy record --native`; charge samples to categories."""
+    binary = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if not os.path.exists(binary):
+        return {"error": "py-spy not installed (pip install py-spy)"}
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = os.path.join(tmp, "stacks.txt")
+        command = [binary, "record", "--native", "-r", "200", "-f", "raw", "-o", raw, "--",
+                   sys.executable, __file__, "--model", args.model, "--threads", str(args.threads),
+                   "--steps", str(args.steps), "--prompt-tokens", str(args.prompt_tokens), "--loop-only"]
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        with open(LOG_DIR / "py-spy.log", "w") as out:
+            done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT)
+        if done.returncode != 0 or not os.path.exists(raw):
+            return {"error": f"py-spy failed ({done.returncode}); see {LOG_DIR / 'py-spy.log'}"}
+        lines = open(raw).read().splitlines()
+    samples: dict[str, int] = collections.defaultdict(int)
+    native = python = 0
+    for line in lines:
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")[::-1]  # innermost first
+        if not any("decode_steps" in f for f in frames):  # loading, warm-up: not the decode loop
+            continue
+        n = int(count)
+        samples[categorize(frames)] += n
+        if frames and (".py:" in frames[0] or ".py)" in frames[0]):
+            python += n
+        else:
+            native += n
+    total = sum(samples.values()) or 1
+    return {"samples": total, "share_by_category": {k: v / total for k, v in
+                                                    sorted(samples.items(), key=lambda kv: -kv[1])},
+            "share_native": native / total, "share_python_interpreter": python / total}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--py-spy", action="store_true", help="also sample with py-spy")
+    parser.add_argument("--loop-only", action="store_true", help=argparse.SUPPRESS)  # py-spy's child
+    args = parser.parse_args(argv)
+
+    llm = build_engine(args.model, args.threads, args.prompt_tokens + args.steps + 64)
+    decode_steps(llm, args.prompt_tokens, 8)  # warm-up
+    if args.loop_only:
+        for _ in range(3):
+            decode_steps(llm, args.prompt_tokens, args.steps)
+        return 0
+    walls = [median(decode_steps(llm, args.prompt_tokens, args.steps)) for _ in range(3)]
+    wall_ms = median(walls) * 1e3
+    result: dict = {"engine": "zili", "precision": "bf16", "threads": args.threads,
+                    "wall_ms_per_token": wall_ms, "decode_tok_s": 1e3 / wall_ms}
+    result["torch_profiler"] = torch_profile(llm, args.prompt_tokens, args.steps)
+    ops_ms = sum(result["torch_profiler"]["op_ms_per_token"].values())
+    result["torch_profiler"]["host_overhead_ms_per_token"] = (
+        result["torch_profiler"]["wall_ms_per_token_under_profiler"] - ops_ms)
+    if args.py_spy:
+        del llm
+        result["py_spy"] = py_spy_profile(args)
+    emit(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
