@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import zlib
+from collections import deque
 from contextlib import asynccontextmanager
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -102,33 +103,54 @@ class BodyLimitMiddleware:
 
 
 class AdmissionController:
-    """At most max_running admitted requests run; max_queued more wait up to queue_timeout_s."""
+    """At most max_running admitted requests run; max_queued more wait (FIFO) up to queue_timeout_s.
+
+    Check and count happen without an await in between, so a burst cannot overshoot the bounds.
+    A released slot passes straight to the oldest waiter.
+    """
 
     def __init__(self, max_running: int, max_queued: int, queue_timeout_s: float):
         self.max_running = max_running
         self.max_queued = max_queued
         self.queue_timeout_s = queue_timeout_s
-        self._slots = asyncio.Semaphore(max_running)
         self.num_running = 0
-        self.num_queued = 0
+        self._waiters: deque[asyncio.Future] = deque()
+
+    @property
+    def num_queued(self) -> int:
+        return len(self._waiters)
 
     def _busy(self, message: str) -> APIError:
         return APIError(503, message, code="server_overloaded", headers={"Retry-After": str(RETRY_AFTER_S)})
 
     async def acquire(self) -> "Ticket":
-        """Wait for a running slot; raises APIError(503) when full or after the queue timeout."""
-        if self.num_running >= self.max_running and (self.num_queued >= self.max_queued
-                                                     or self._slots.locked() and self.max_queued == 0):
+        """A running slot; raises APIError(503) when full or after the queue timeout."""
+        if self.num_running < self.max_running and not self._waiters:
+            self.num_running += 1
+            return Ticket(self)
+        if len(self._waiters) >= self.max_queued:
             raise self._busy("the server is at capacity; retry later")
-        self.num_queued += 1
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
         try:
-            await asyncio.wait_for(self._slots.acquire(), self.queue_timeout_s)
-        except asyncio.TimeoutError:
-            raise self._busy("the request waited too long in the queue; retry later") from None
-        finally:
-            self.num_queued -= 1
-        self.num_running += 1
+            await asyncio.wait_for(waiter, self.queue_timeout_s)
+        except BaseException as error:
+            if waiter.done() and not waiter.cancelled():
+                self._release()  # the slot arrived as we gave up: pass it on
+            elif waiter in self._waiters:
+                self._waiters.remove(waiter)
+            if isinstance(error, asyncio.TimeoutError):
+                raise self._busy("the request waited too long in the queue; retry later") from None
+            raise
         return Ticket(self)
+
+    def _release(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot changes hands; num_running stays
+                return
+        self.num_running -= 1
 
     @asynccontextmanager
     async def admitted(self):
@@ -149,5 +171,4 @@ class Ticket:
     def release(self) -> None:
         if self._held:
             self._held = False
-            self._controller.num_running -= 1
-            self._controller._slots.release()
+            self._controller._release()

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 
 import uvicorn
 
+from zili.sampling_params import MAX_N
 from zili.serve.app import Hooks, create_app
 from zili.serve.engine_client import InProcessEngineClient
 from zili.serve.engine_process import ProcessEngineClient
@@ -63,7 +64,8 @@ class DrainingServer(uvicorn.Server):
 
 
 def build_client(settings: ServeSettings):
-    options = {"max_num_seqs": settings.max_num_seqs, "kv_cache_memory": settings.kv_cache_memory,
+    # the engine counts sequences: any valid n (up to MAX_N) must fit one request's batch
+    options = {"max_num_seqs": max(settings.max_num_seqs, MAX_N), "kv_cache_memory": settings.kv_cache_memory,
                "max_model_len": settings.max_model_len, "max_num_batched_tokens": settings.max_num_batched_tokens,
                "enable_prefix_caching": settings.enable_prefix_caching}
     options = {k: v for k, v in options.items() if v is not None}
