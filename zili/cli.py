@@ -26,7 +26,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     wanted = next((a for a in argv if a in COMMANDS), None)
     for name, (module, help_text) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text)
-        cmd.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+        # SUPPRESS: an absent sub-command flag must not reset `zili --debug COMMAND` to False
+        cmd.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
         if name == wanted:  # import only the module that runs
             try:
                 importlib.import_module(f"zili.commands.{module}").add_arguments(cmd)
