@@ -109,7 +109,7 @@ def make_checkpoint() -> None:
 def zili_quantize(precision: str) -> Path:
     """A zili int8 / int4 checkpoint of the benchmark model via `zili quantize` (created once)."""
     out = QUANT_DIR / precision
-    if (out / "config.json").exists():
+    if (out / "config.json").exists() and any(out.glob("*.safetensors")):
         return out
     base = [sys.executable, "-m", "zili.cli", "quantize"]
     help_text = subprocess.run([*base, "--help"], capture_output=True, text=True, cwd=REPO_DIR)
@@ -119,6 +119,8 @@ def zili_quantize(precision: str) -> Path:
     text = help_text.stdout
     command += ["--bits", str(BITS[precision])] if "--bits" in text else ["--scheme", precision]
     command += ["--output" if "--output" in text else "--out", str(out)]
+    if out.exists() and "--overwrite" in text:  # a run interrupted half-way
+        command.append("--overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
     log(" ".join(command[2:]))
     subprocess.run(command, check=True, cwd=REPO_DIR)

@@ -55,16 +55,20 @@ class RssMonitor:
 
 
 def wait_ready(base_url: str, paths: tuple[str, ...], process: subprocess.Popen, timeout_s: float) -> None:
+    """Poll until the first of `paths` the server serves answers 200 (zili: /ready; llama-server: /health)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode} before it was ready")
-        for path in paths:
+        for path in paths:  # the first path the server knows decides (404: try the next one)
             try:
-                if httpx.get(base_url + path, timeout=5).status_code == 200:
-                    return
+                status = httpx.get(base_url + path, timeout=5).status_code
             except httpx.HTTPError:
-                pass
+                break
+            if status == 200:
+                return
+            if status != 404:
+                break
         time.sleep(1)
     raise TimeoutError(f"server not ready after {timeout_s:.0f}s")
 
