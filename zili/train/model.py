@@ -18,10 +18,10 @@ from zili.config import ModelConfig
 from zili.models.llama import LlamaForCausalLM
 from zili.models.loader import build_model
 from zili.train.presets import TrainConfig
-from zili.train.tokenizer_training import EOS_TOKEN, SPECIAL_TOKENS
+from zili.train.tokenizer_training import EOS_TOKEN, IM_END, SPECIAL_TOKENS
 
 EOS_ID = SPECIAL_TOKENS.index(EOS_TOKEN)
-IM_END_ID = 2
+IM_END_ID = SPECIAL_TOKENS.index(IM_END)
 RMS_NORM_EPS = 1e-5
 INIT_STD = 0.02
 

@@ -152,16 +152,20 @@ def encode(tokenizer: HFTokenizer, text: str) -> torch.Tensor:
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: str) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not norms). Fused kernels where available."""
+    """AdamW; weight decay on matrices only (not norms). Fused kernels on CPU and CUDA."""
     params = list(model.parameters())
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    fused = torch.device(device).type in ("cpu", "cuda")
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
 
 def train(opts: TrainOptions, on_step: Callable[[int, float], bool] | None = None) -> TrainResult:
-    """Run a training job. `on_step(step, loss) -> True` asks to stop (as Ctrl-C does)."""
+    """Run a training job. `on_step(step, loss) -> True` asks to stop (as Ctrl-C does).
+
+    Everything that can be refused (output folder, corpus, options) is checked before any
+    process writes anything or joins the process group.
+    """
     out = Path(opts.output)
     check_output(out, opts.resume, opts.overwrite)
     config = ckpt.config_from_checkpoint(ckpt.read_checkpoint_state(out)["config"]) if opts.resume else opts.config
@@ -175,140 +179,190 @@ def train(opts: TrainOptions, on_step: Callable[[int, float], bool] | None = Non
     save_dtype = parse_dtype(opts.save_dtype, device)
     env = init_distributed(torch.device(device).type)
     try:
-        return _run(opts, config, out, text, val_text, device, autocast_dtype, save_dtype, env, on_step)
+        trainer = Trainer(opts, config, text, val_text, device, autocast_dtype, env)
+        finished = trainer.run(on_step)
+        result = TrainResult(out, trainer.step, finished, trainer.state["history"], trainer.state["val_history"])
+        if finished:
+            result.report = trainer.export(save_dtype)
+        elif env.is_main:
+            tqdm.write(f"checkpoint written at step {trainer.step}; continue with --resume")
+        return result
     finally:
         env.close()
 
 
-def _prepare_tokenizer(opts: TrainOptions, config: TrainConfig, out: Path, text: str, env: DistEnv) -> HFTokenizer:
-    if env.is_main and not opts.resume:
-        if opts.overwrite and out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        save_tokenizer(train_bpe(text.split(EOS_TOKEN), config.vocab_size), out, config.context_length)
-    env.barrier()
-    return HFTokenizer.from_file(str(out / "tokenizer.json"))
+class Trainer:
+    """One training job: data, model, optimizer and the loop state every process shares.
 
+    `state` is what a checkpoint stores besides tensors: step, tokens seen, elapsed seconds and
+    the loss history; `config` may change its max_steps when a time budget is fitted.
+    """
 
-def _run(opts, config, out, text, val_text, device, autocast_dtype, save_dtype, env: DistEnv, on_step):
-    torch.set_num_threads(worker_threads(env.world_size))
-    tokenizer = _prepare_tokenizer(opts, config, out, text, env)
-    train_tokens, val_tokens = encode(tokenizer, text), encode(tokenizer, val_text)
-    if len(train_tokens) <= config.context_length:
-        raise InvalidRequestError(f"the corpus has {len(train_tokens)} tokens; training needs more than the "
-                                  f"context length ({config.context_length})", param="corpus")
-    if len(val_tokens) < 2:
-        raise InvalidRequestError("the validation text has fewer than 2 tokens", param="val_file")
+    def __init__(self, opts: TrainOptions, config: TrainConfig, text: str, val_text: str, device: str,
+                 autocast_dtype: torch.dtype | None, env: DistEnv):
+        self.opts, self.config, self.out, self.env = opts, config, Path(opts.output), env
+        self.device, self.autocast_dtype, self.val_text = device, autocast_dtype, val_text
+        torch.set_num_threads(worker_threads(env.world_size))
+        tokenizer = self._prepare_tokenizer(text)
+        self.train_tokens, self.val_tokens = encode(tokenizer, text), encode(tokenizer, val_text)
+        if len(self.train_tokens) <= config.context_length:
+            raise InvalidRequestError(f"the corpus has {len(self.train_tokens)} tokens; training needs more than "
+                                      f"the context length ({config.context_length})", param="corpus")
+        if len(self.val_tokens) < 2:
+            raise InvalidRequestError("the validation text has fewer than 2 tokens", param="val_file")
+        torch.manual_seed(config.seed)
+        self.model = build_training_model(config, device)
+        self.optimizer = make_optimizer(self.model, config, device)
+        self.generator = torch.Generator().manual_seed(config.seed + 1)
+        self.state = {"step": 0, "tokens": 0, "elapsed_s": 0.0, "history": [], "val_history": []}
+        if opts.resume:
+            self.state.update(ckpt.load_checkpoint(self.out, self.model, self.optimizer, self.generator))
+        loss_module = CausalLMLoss(self.model)
+        self.loss_module = DistributedDataParallel(loss_module) if env.active else loss_module
 
-    torch.manual_seed(config.seed)
-    model = build_training_model(config, device)
-    optimizer = make_optimizer(model, config, device)
-    generator = torch.Generator().manual_seed(config.seed + 1)
-    state = {"step": 0, "tokens": 0, "elapsed_s": 0.0, "history": [], "val_history": []}
-    if opts.resume:
-        state.update(ckpt.load_checkpoint(out, model, optimizer, generator))
-    loss_module = CausalLMLoss(model)
-    if env.active:
-        loss_module = DistributedDataParallel(loss_module)
+    @property
+    def step(self) -> int:
+        return self.state["step"]
 
-    def evaluate() -> float:
-        model.eval()
-        total, count = windowed_nll(model, val_tokens, config.context_length, env.rank, env.world_size,
-                                    autocast_dtype)
-        model.train()
-        total, count = env.all_sum([total, count])
+    def _prepare_tokenizer(self, text: str) -> HFTokenizer:
+        """Rank 0 trains and saves the tokenizer (a resumed run reuses it); every rank reads the file."""
+        if self.env.is_main and not self.opts.resume:
+            if self.opts.overwrite and self.out.exists():
+                shutil.rmtree(self.out)
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_tokenizer(train_bpe(text.split(EOS_TOKEN), self.config.vocab_size), self.out,
+                           self.config.context_length)
+        self.env.barrier()
+        return HFTokenizer.from_file(str(self.out / "tokenizer.json"))
+
+    def _autocast(self):
+        return torch.autocast(torch.device(self.device).type, dtype=self.autocast_dtype or torch.float32,
+                              enabled=self.autocast_dtype is not None)
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step over grad_accum micro-batches -> (lr, this process's mean loss)."""
+        config = self.config
+        lr = lr_at(self.step, config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for micro in range(config.grad_accum):
+            batch = sample_batch(self.train_tokens, config.batch_size, config.context_length, self.generator,
+                                 self.env.rank, self.env.world_size).to(self.device)
+            last = micro == config.grad_accum - 1
+            # DDP all-reduces gradients on the last micro-batch only
+            sync = self.loss_module.no_sync() if self.env.active and not last else contextlib.nullcontext()
+            with sync:
+                with self._autocast():
+                    loss = self.loss_module(batch)
+                (loss / config.grad_accum).backward()
+            loss_sum += loss.item()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return lr, loss_sum / config.grad_accum
+
+    def evaluate(self) -> float:
+        """Mean validation NLL (nats per token), the windows shared among the processes."""
+        self.model.eval()
+        total, count = windowed_nll(self.model, self.val_tokens, self.config.context_length, self.env.rank,
+                                    self.env.world_size, self.autocast_dtype)
+        self.model.train()
+        total, count = self.env.all_sum([total, count])
         return total / count
 
-    def save() -> None:
-        if env.is_main:
-            ckpt.save_checkpoint(out, model, optimizer, generator, {**state, "config": config.to_dict()})
-        env.barrier()
+    def save(self) -> None:
+        if self.env.is_main:
+            ckpt.save_checkpoint(self.out, self.model, self.optimizer, self.generator,
+                                 {**self.state, "config": self.config.to_dict()})
+        self.env.barrier()
 
-    step = state["step"]
-    tokens_per_step = config.tokens_per_step * env.world_size
-    run_start, elapsed_before = time.perf_counter(), state["elapsed_s"]
-    # a time budget fits max_steps to the speed measured from the end of the first step on
-    fit_budget = bool(opts.time_budget_s) and not opts.resume
-    upper_steps, timing_start = config.max_steps, None
-    bar = tqdm(total=config.max_steps, initial=step, unit="step", desc="training",
-               disable=not (opts.progress and env.is_main), dynamic_ncols=True)
-    stopped = False
-    with StopRequest() as stop, bar:
-        while step < config.max_steps:
-            step_start = time.perf_counter()
-            lr = lr_at(step, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = 0.0
-            for micro in range(config.grad_accum):
-                batch = sample_batch(train_tokens, config.batch_size, config.context_length, generator,
-                                     env.rank, env.world_size).to(device)
-                last = micro == config.grad_accum - 1
-                sync = loss_module.no_sync() if env.active and not last else contextlib.nullcontext()
-                with sync:
-                    with torch.autocast(torch.device(device).type, dtype=autocast_dtype or torch.float32,
-                                        enabled=autocast_dtype is not None):
-                        loss = loss_module(batch)
-                    (loss / config.grad_accum).backward()
-                loss_sum += loss.item()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            user_stop = bool(on_step and on_step(step, loss_sum / config.grad_accum))
-            loss_total, stop_votes = env.all_sum([loss_sum / config.grad_accum, float(stop.requested or user_stop)])
-            mean_loss = loss_total / env.world_size
-            now = time.perf_counter()
-            state["step"], state["tokens"] = step, state["tokens"] + tokens_per_step
-            state["elapsed_s"] = elapsed_before + now - run_start
-            state["history"].append({"step": step, "loss": mean_loss, "lr": lr})
-            bar.update(1)
-            bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / (now - step_start):.0f}")
+    def run(self, on_step: Callable[[int, float], bool] | None = None) -> bool:
+        """Train to max_steps (True) or until a stop request (False); a checkpoint is saved either way."""
+        opts, env, state = self.opts, self.env, self.state
+        tokens_per_step = self.config.tokens_per_step * env.world_size
+        run_start, elapsed_before = time.perf_counter(), state["elapsed_s"]
+        budget = _BudgetFit(opts.time_budget_s, self.config.max_steps, env) if opts.time_budget_s else None
+        bar = tqdm(total=self.config.max_steps, initial=self.step, unit="step", desc="training",
+                   disable=not (opts.progress and env.is_main), dynamic_ncols=True)
+        with StopRequest() as stop, bar:
+            while self.step < self.config.max_steps:
+                step_start = time.perf_counter()
+                lr, loss = self.train_step()
+                step = self.step + 1
+                user_stop = bool(on_step and on_step(step, loss))
+                loss_total, stop_votes = env.all_sum([loss, float(stop.requested or user_stop)])
+                now = time.perf_counter()
+                state["step"], state["tokens"] = step, state["tokens"] + tokens_per_step
+                state["elapsed_s"] = elapsed_before + now - run_start
+                state["history"].append({"step": step, "loss": loss_total / env.world_size, "lr": lr})
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_total / env.world_size:.3f}", lr=f"{lr:.2e}",
+                                tok_s=f"{tokens_per_step / (now - step_start):.0f}")
+                if budget:
+                    self.config = budget.fit(self.config, step, state["elapsed_s"], now, resumed=opts.resume)
+                    bar.total = self.config.max_steps
+                if step % self.config.eval_interval == 0 or step == self.config.max_steps:
+                    self._validate()
+                if stop_votes:
+                    self.save()
+                    return False
+                if step % self.config.checkpoint_interval == 0 and step < self.config.max_steps:
+                    self.save()
+        self.save()
+        return True
 
-            if fit_budget and timing_start is None:
-                timing_start = (step, now)
-            elif fit_budget and (step - timing_start[0]) % REFIT_INTERVAL == CALIBRATION_STEPS % REFIT_INTERVAL:
-                per_step = (now - timing_start[1]) / (step - timing_start[0])  # evals included
-                config = _fit_budget(config, upper_steps, opts.time_budget_s - state["elapsed_s"], per_step, step,
-                                     env)
-                bar.total = config.max_steps
-            if opts.time_budget_s and state["elapsed_s"] > opts.time_budget_s * DEADLINE_SLACK:
-                config = replace(config, max_steps=step)  # the budget is spent: end (and export) here
-            if step % config.eval_interval == 0 or step == config.max_steps:
-                val_loss = evaluate()
-                state["val_history"].append({"step": step, "loss": val_loss, "perplexity": math.exp(val_loss)})
-                if env.is_main:
-                    tqdm.write(f"step {step}: train loss {mean_loss:.4f}, val loss {val_loss:.4f} "
-                               f"(ppl {math.exp(val_loss):.2f}), {state['tokens']:,} tokens, "
-                               f"{state['elapsed_s']:.0f}s")
-            if stop_votes:
-                stopped = True
-                break
-            if step % config.checkpoint_interval == 0 and step < config.max_steps:
-                save()
-    save()
-    result = TrainResult(out, step, finished=not stopped, history=state["history"],
-                         val_history=state["val_history"])
-    if stopped:
-        if env.is_main:
-            tqdm.write(f"checkpoint written at step {step}; continue with --resume")
-        return result
-    if env.is_main:
-        from zili.train.report import write_report  # loads the exported model; only needed at the end
+    def _validate(self) -> None:
+        val_loss = self.evaluate()
+        state = self.state
+        state["val_history"].append({"step": self.step, "loss": val_loss, "perplexity": math.exp(val_loss)})
+        if self.env.is_main:
+            tqdm.write(f"step {self.step}: train loss {state['history'][-1]['loss']:.4f}, val loss {val_loss:.4f} "
+                       f"(ppl {math.exp(val_loss):.2f}), {state['tokens']:,} tokens, {state['elapsed_s']:.0f}s")
 
-        ckpt.export_model(out, model, config, save_dtype)
-        (out / "heldout.txt").write_text(val_text)
-        result.report = write_report(out, opts, config, state, env.world_size, autocast_dtype, device)
-        if not opts.keep_checkpoint:
-            shutil.rmtree(out / ckpt.CHECKPOINT_DIR, ignore_errors=True)
-    env.barrier()
-    return result
+    def export(self, save_dtype: torch.dtype) -> dict | None:
+        """Rank 0 writes the model folder, heldout.txt and the report; returns the report there."""
+        report = None
+        if self.env.is_main:
+            from zili.train.report import write_report  # loads the exported model; only needed at the end
+
+            ckpt.export_model(self.out, self.model, self.config, save_dtype)
+            (self.out / "heldout.txt").write_text(self.val_text)
+            report = write_report(self.out, self.opts, self.config, self.state, self.env.world_size,
+                                  self.autocast_dtype, self.device)
+            if not self.opts.keep_checkpoint:
+                shutil.rmtree(self.out / ckpt.CHECKPOINT_DIR, ignore_errors=True)
+        self.env.barrier()
+        return report
 
 
-def _fit_budget(config: TrainConfig, upper_steps: int, remaining_s: float, per_step_s: float, step: int,
-                env: DistEnv) -> TrainConfig:
-    """max_steps so the rest of the run fits the time left, at most `upper_steps`."""
-    steps = env.broadcast_int(max(step + 1, min(upper_steps, step + int(remaining_s / per_step_s))))
-    if env.is_main and steps != config.max_steps:
-        tqdm.write(f"time budget: {per_step_s:.2f}s per step, training for {steps} steps")
-    return replace(config, max_steps=steps)
+class _BudgetFit:
+    """Fits max_steps to a wall-clock budget from the measured speed (evaluation included).
+
+    Timing starts after the first step (start-up costs); max_steps is set after
+    CALIBRATION_STEPS more and re-fitted every REFIT_INTERVAL steps, never above the config's
+    own max_steps. Past budget * DEADLINE_SLACK the run ends at once. A resumed run keeps its
+    step count and only honours the deadline.
+    """
+
+    def __init__(self, budget_s: float, upper_steps: int, env: DistEnv):
+        self.budget_s, self.upper_steps, self.env = budget_s, upper_steps, env
+        self.start: tuple[int, float] | None = None
+
+    def fit(self, config: TrainConfig, step: int, elapsed_s: float, now: float, resumed: bool) -> TrainConfig:
+        if self.env.broadcast_int(int(elapsed_s > self.budget_s * DEADLINE_SLACK)):  # ranks must agree
+            return replace(config, max_steps=step)  # the budget is spent: end (and export) here
+        if resumed:
+            return config
+        if self.start is None:
+            self.start = (step, now)
+            return config
+        done = step - self.start[0]
+        if done % REFIT_INTERVAL != CALIBRATION_STEPS % REFIT_INTERVAL:
+            return config
+        per_step_s = (now - self.start[1]) / done
+        steps = step + int((self.budget_s - elapsed_s) / per_step_s)
+        steps = self.env.broadcast_int(max(step + 1, min(self.upper_steps, steps)))
+        if self.env.is_main and steps != config.max_steps:
+            tqdm.write(f"time budget: {per_step_s:.2f}s per step, training for {steps} steps")
+        return replace(config, max_steps=steps)
