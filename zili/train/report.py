@@ -94,12 +94,22 @@ def model_card(report: dict) -> str:
     samples = "\n\n".join(f"**Prompt** `{s['prompt']}`\n\n```text\n{s['prompt']}{s['completion']}\n```"
                           for s in report["samples"])
     command = f"```sh\n{report['command']}\n```" if report["command"] else "(not recorded)"
+    usage = ('zili generate "To be, or not to be"      # the default model' if report["name"] == "zili-demo"
+             else f'zili generate path/to/{report["name"]} "Once upon a time"')
+    same_length = ""
+    if report["command"] and "--time-budget" in report["command"]:
+        same_length = (f"\n`--time-budget` fits the step count to the measured speed, so it differs between "
+                       f"machines; for a run of this one's length, replace it with `--max-steps {training['steps']}`.")
     return f"""# {report['name']}
 
 A small Llama-architecture language model trained from scratch by `zili train` on one machine.
 It is a plain language model (it continues text); the chat template in `tokenizer_config.json`
 (ChatML-like `<|im_start|>` / `<|im_end|>` markers) only gives chat front-ends a consistent prompt,
 the model was never trained on conversations.
+
+```sh
+{usage}
+```
 
 ## Model
 
@@ -118,11 +128,14 @@ the model was never trained on conversations.
 
 ## Training
 
-{training['steps']:,} steps, {training['tokens']:,} tokens ({cfg['batch_size']} x {cfg['grad_accum']} sequences of
-{cfg['context_length']} tokens per step and process), AdamW (peak lr {cfg['lr']}, warmup {cfg['warmup_steps']} steps,
-cosine to {cfg['lr'] * cfg['min_lr_ratio']:.1e}), {training['precision']}, in {minutes:.1f} minutes
-({training['tokens_per_s']:,.0f} tokens/s) on {training['processes']} process(es) x {training['threads_per_process']} thread(s),
-{training['cpu_count']} CPU cores ({training['cpu']}), torch {training['torch']}.
+| | |
+|---|---|
+| steps | {training['steps']:,} ({cfg['batch_size']} x {cfg['grad_accum']} sequences of {cfg['context_length']} tokens per step and process) |
+| tokens | {training['tokens']:,} |
+| optimizer | AdamW, peak lr {cfg['lr']}, {cfg['warmup_steps']} warmup steps, cosine to {cfg['lr'] * cfg['min_lr_ratio']:.1e}, weight decay {cfg['weight_decay']} |
+| precision | {training['precision']} |
+| time | {minutes:.1f} minutes, {training['tokens_per_s']:,.0f} tokens/s |
+| hardware | {training['processes']} process(es) x {training['threads_per_process']} thread(s) on {training['cpu_count']} CPU cores ({training['cpu']}), torch {training['torch']} |
 
 | step | validation loss | perplexity |
 |---|---|---|
@@ -144,7 +157,22 @@ Temperature {SAMPLE_TEMPERATURE}, top-p {SAMPLE_TOP_P}, seed {SAMPLE_SEED}, {SAM
 ## Reproduce
 
 {command}
-
-Results vary slightly with hardware and thread count; a time budget fixes the step count from
-the measured speed (the step count this run used is in `training_report.json`).
+{same_length} Results vary slightly with hardware and thread count.
 """
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m zili.train.report FOLDER`: re-render README.md from training_report.json."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("folder", type=Path)
+    args = parser.parse_args(argv)
+    report = json.loads((args.folder / "training_report.json").read_text())
+    (args.folder / "README.md").write_text(model_card(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
