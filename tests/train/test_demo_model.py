@@ -88,7 +88,7 @@ def test_default_llm_generates_english_letters():
     from zili.llm import LLM
     from zili.sampling_params import SamplingParams
 
-    llm = LLM(dtype="float32")
+    llm = LLM(dtype="float32", kv_cache_memory="64MiB")
     assert llm.path == DEMO
     out = llm.generate("To be, or not to be", SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)[0]
     assert len(out.token_ids) > 0 and out.text

@@ -43,7 +43,7 @@ def generate_samples(folder: Path, prompts: tuple[str, ...]) -> list[dict]:
     from zili.llm import LLM
     from zili.sampling_params import SamplingParams
 
-    llm = LLM(folder, device="cpu", dtype=torch.float32)
+    llm = LLM(folder, device="cpu", dtype=torch.float32, kv_cache_memory="64MiB")  # a few short samples
     params = SamplingParams(temperature=SAMPLE_TEMPERATURE, top_p=SAMPLE_TOP_P, seed=SAMPLE_SEED,
                             max_tokens=SAMPLE_MAX_TOKENS)
     return [{"prompt": prompt, "completion": llm.generate(prompt, params, use_tqdm=False)[0].text} for prompt in prompts]
