@@ -24,7 +24,7 @@ from zili.serve.engine_process import ProcessEngineClient
 from zili.serve.settings import ServeSettings
 
 log = logging.getLogger("zili.serve")
-H11_MAX_HEADER_BYTES = 32 * 1024
+H11_MAX_HEADER_BYTES = 64 * 1024  # a larger header block is refused by the parser (plain 400)
 
 
 class DrainingServer(uvicorn.Server):
