@@ -1,8 +1,9 @@
 """Perplexity of a causal LM on a text, with a sliding window (the Hugging Face recipe).
 
 Windows of `window` tokens start every `stride` tokens. Each window is one full-sequence forward
-pass, and only the tokens not scored by the previous window are scored, so every token after the
-first is scored exactly once with up to `window - stride` tokens of extra left context:
+pass, and only the tokens not scored by the previous window are scored, so with stride < window
+every token after the first is scored exactly once, with at least `window - stride` tokens of
+left context. (With stride == window a window's first token has no context and is not scored.)
 
     ppl = exp(mean over scored tokens of -log p(token | preceding tokens in its window))
 """
@@ -29,7 +30,7 @@ class PerplexityResult:
     mean_nll: float
     """Mean negative log-likelihood per scored token, in nats."""
     tokens: int
-    """Tokens scored (every token of the text but the first)."""
+    """Tokens scored."""
     seconds: float
     window: int
     stride: int
