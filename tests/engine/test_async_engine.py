@@ -146,3 +146,30 @@ def test_shutdown_aborts_what_is_in_flight_and_refuses_new_work(make_engine):
 
     snapshots = asyncio.run(main())
     assert snapshots[-1].outputs[0].finish_reason == "abort"
+
+
+def test_a_poison_request_fails_alone_even_inside_a_healthy_batch(tiny, make_engine, monkeypatch):
+    llm_engine = make_engine(block_size=4)
+    engine = AsyncLLMEngine(llm_engine)
+    processor = llm_engine.output_processor
+    original = processor.append_token
+
+    def append_token(seq, token_id, logprob):  # a detokenizer that breaks on one request only
+        if seq.request.request_id == "poison" and seq.num_output_tokens == 2:
+            raise UnicodeDecodeError("utf-8", b"", 0, 1, "injected")
+        return original(seq, token_id, logprob)
+
+    monkeypatch.setattr(processor, "append_token", append_token)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    prompts = random_prompts([5, 7], seed=22)
+
+    async def main():
+        results = await asyncio.gather(collect(engine, "poison", prompts[0], params),
+                                       collect(engine, "good", prompts[1], params), return_exceptions=True)
+        await engine.shutdown()
+        return results
+
+    poison, good = asyncio.run(main())
+    assert isinstance(poison, EngineStepError) and poison.request_ids == ["poison"]
+    assert good[-1].token_ids == tiny.reference(prompts[1], params, llm_engine.max_model_len)
+    assert [len(s.token_ids) for s in good] == list(range(1, 7))  # no snapshot lost in the failing step

@@ -165,7 +165,7 @@ class AsyncLLMEngine:
             for request_id in error.request_ids:
                 self.engine.abort_request(request_id)
                 self._deliver(request_id, error)
-            outputs = []
+            outputs = error.outputs
         except Exception as error:  # a bug outside any batch: fail everyone, keep serving
             failure = EngineStepError(list(self.engine.requests), error)
             for request_id in list(self.engine.requests):

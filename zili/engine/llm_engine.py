@@ -26,7 +26,7 @@ from zili.engine.planning import plan_engine
 from zili.engine.scheduler import Scheduler
 from zili.engine.sequence import Request, Sequence
 from zili.errors import InvalidRequestError, ZiliError
-from zili.layers.sampler import Sampler, SamplingRow
+from zili.layers.sampler import Sampler, SamplerOutput, SamplingRow
 from zili.models.generation_config import GenerationDefaults
 from zili.models.tokenizer import Tokenizer
 from zili.outputs import RequestOutput
@@ -34,11 +34,13 @@ from zili.sampling_params import SamplingParams
 
 
 class EngineStepError(ZiliError):
-    """A step failed while running the model for a batch; `request_ids` were in that batch."""
+    """A step failed for `request_ids` (the whole batch when the model failed, or the requests whose
+    output processing failed); `outputs` holds the snapshots of the requests that progressed fine."""
 
-    def __init__(self, request_ids: list[str], cause: BaseException):
+    def __init__(self, request_ids: list[str], cause: BaseException, outputs: list[RequestOutput] | None = None):
         super().__init__(f"engine step failed for {len(request_ids)} request(s): {type(cause).__name__}: {cause}")
         self.request_ids = request_ids
+        self.outputs = outputs or []
 
 
 def resolve_eos_token_ids(tokenizer: Tokenizer, defaults: GenerationDefaults, config: ModelConfig) -> list[int]:
@@ -162,13 +164,29 @@ class LLMEngine:
             raise EngineStepError(batch.request_ids, error) from error
         self.scheduler.update(batch)
         self._record_prompt_logprobs(model_output)
-        progressed: dict[str, Request] = {}
-        for seq, token_id, logprob in zip(model_output.sample_seqs, sampled.token_ids, sampled.logprobs):
-            if self.output_processor.append_token(seq, token_id, logprob):
-                self._finish(seq)
-            progressed[seq.request.request_id] = seq.request
         self._counters["generation_tokens"] += len(sampled.token_ids)
-        return [self.output_processor.snapshot(request) for request in progressed.values()]
+        return self._process_samples(model_output.sample_seqs, sampled)
+
+    def _process_samples(self, seqs: list[Sequence], sampled: SamplerOutput) -> list[RequestOutput]:
+        """Append each sampled token (detokenize, check stops, finish); a request whose output
+        processing fails (a poison request) fails alone, through EngineStepError."""
+        progressed: dict[str, Request] = {}
+        failed: dict[str, Exception] = {}
+        for seq, token_id, logprob in zip(seqs, sampled.token_ids, sampled.logprobs):
+            request_id = seq.request.request_id
+            if request_id in failed:
+                continue
+            try:
+                if self.output_processor.append_token(seq, token_id, logprob):
+                    self._finish(seq)
+            except Exception as error:  # noqa: BLE001 - isolate the request, keep the batch
+                failed[request_id] = error
+                continue
+            progressed[request_id] = seq.request
+        outputs = [self.output_processor.snapshot(r) for i, r in progressed.items() if i not in failed]
+        if failed:
+            raise EngineStepError(list(failed), next(iter(failed.values())), outputs)
+        return outputs
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         params = seq.params
