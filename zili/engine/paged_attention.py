@@ -173,7 +173,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     mask = None if allowed is None else allowed[:, None, None, :]                        # (B, 1, 1, L)
     out = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=mask, scale=scale,
                                          enable_gqa=True)                                 # (B, Hq, 1, D)
-    return out.view(batch, num_heads, head_dim)
+    return out.reshape(batch, num_heads, head_dim)
 
 
 def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
