@@ -112,7 +112,7 @@ def start_server_session(server_logs):
     started: list[ServerProcess] = []
 
     def start(*args: str, model: Path, env: dict | None = None, ready: bool = True) -> ServerProcess:
-        proc = ServerProcess([str(model), "--port", "0", *args], server_logs, env)
+        proc = ServerProcess([str(model), "--port", "0", "--dtype", "float32", *args], server_logs, env)
         started.append(proc)
         return proc.wait_ready() if ready else proc
 
@@ -127,7 +127,7 @@ def start_server(server_logs):
     started: list[ServerProcess] = []
 
     def start(*args: str, model: Path, env: dict | None = None, ready: bool = True) -> ServerProcess:
-        proc = ServerProcess([str(model), "--port", "0", *args], server_logs, env)
+        proc = ServerProcess([str(model), "--port", "0", "--dtype", "float32", *args], server_logs, env)
         started.append(proc)
         return proc.wait_ready() if ready else proc
 
@@ -140,7 +140,8 @@ def start_server(server_logs):
 def server(start_server_session, serve_model) -> ServerProcess:
     return start_server_session("--max-model-len", str(SHARED_MAX_MODEL_LEN), "--served-model-name", MODEL_NAME,
                                 "--served-model-name", ALIAS_NAME, "--max-num-seqs", "8",
-                                "--fault-injection", "raise-at-token:3", model=serve_model)
+                                "--fault-injection", "raise-at-token:3", "--fault-injection", "engine-raise-at-token:2",
+                                model=serve_model)
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ class SlowFakeEngine(EngineClient):
         self.gate: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.started = 0
+        self.first_started = threading.Event()
         self.aborted: list[str] = []
 
     async def start(self) -> None:
@@ -40,6 +41,7 @@ class SlowFakeEngine(EngineClient):
 
     async def generate(self, request_id, prompt_token_ids, params, prompt=None):
         self.started += 1
+        self.first_started.set()
         finished = False
         try:
             await self.gate.wait()

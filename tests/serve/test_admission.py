@@ -67,6 +67,7 @@ def test_queue_timeout_gives_503(serve_model):
         async def scenario():
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
                 holder = asyncio.create_task(_post(client, False))
+                assert await asyncio.to_thread(engine.first_started.wait, 60)  # the holder has the slot
                 waiters = [asyncio.create_task(_post(client, False)) for _ in range(2)]
                 timed_out = await asyncio.gather(*waiters)
                 engine.open_gate()

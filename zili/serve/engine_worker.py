@@ -10,9 +10,12 @@ Messages out: ready {info} | load_error {message} | output (wire.OutputEncoder) 
               error {id, kind: invalid_request|failed, message, param} | metrics {seq, data} | fatal {message}
 
 Test-mode faults (config "faults", honoured only with ZILI_TEST_MODE=1), used by tests/serve:
-  raise-at-token:N   a request whose prompt text contains FAULT_RAISE_MARKER fails once it has N tokens
-  crash-on-prompt    a request whose prompt text contains FAULT_CRASH_MARKER kills this process
-  hold-load:PATH     wait until PATH exists before loading the model (to observe "loading" state)
+  raise-at-token:N         a request whose prompt holds FAULT_RAISE_MARKER fails once it has N tokens
+                           (a per-request failure, e.g. in detokenization: only that request fails)
+  engine-raise-at-token:N  the same through engine.fault_hook with FAULT_ENGINE_MARKER: the engine
+                           fails the whole batch that request is in (EngineStepError), then goes on
+  crash-on-prompt          a request whose prompt holds FAULT_CRASH_MARKER kills this process
+  hold-load:PATH           wait until PATH exists before loading the model (to observe "loading")
 """
 
 from __future__ import annotations
@@ -23,15 +26,21 @@ import logging
 import os
 import signal
 import sys
+from contextlib import aclosing
 
 from zili.errors import InvalidRequestError, ZiliError
 from zili.serve import wire
 from zili.serve.engine_client import metrics_dict
 
 FAULT_RAISE_MARKER = "ZILI_FAULT_RAISE"
+FAULT_ENGINE_MARKER = "ZILI_FAULT_ENGINE"
 FAULT_CRASH_MARKER = "ZILI_FAULT_CRASH"
 HEALTH_POLL_S = 0.5
 log = logging.getLogger("zili.serve.engine")
+
+
+class InjectedFault(RuntimeError):
+    pass
 
 
 class Faults:
@@ -39,13 +48,17 @@ class Faults:
         if specs and os.environ.get("ZILI_TEST_MODE") != "1":
             raise ZiliError("fault injection is only available in test mode (ZILI_TEST_MODE=1)")
         self.raise_at_token: int | None = None
+        self.engine_raise_at_token: int | None = None
         self.crash_on_prompt = False
         self.hold_load_path: str | None = None
         self.marked: set[str] = set()
+        self.engine_marked: set[str] = set()
         for spec in specs:
             name, _, arg = spec.partition(":")
             if name == "raise-at-token":
                 self.raise_at_token = int(arg)
+            elif name == "engine-raise-at-token":
+                self.engine_raise_at_token = int(arg)
             elif name == "crash-on-prompt":
                 self.crash_on_prompt = True
             elif name == "hold-load":
@@ -62,13 +75,21 @@ class Faults:
             os._exit(70)
         if self.raise_at_token is not None and prompt and FAULT_RAISE_MARKER in prompt:
             self.marked.add(request_id)
+        if self.engine_raise_at_token is not None and prompt and FAULT_ENGINE_MARKER in prompt:
+            self.engine_marked.add(request_id)
 
-    def hook(self, seq, *args, **kwargs) -> None:
-        """engine.fault_hook: called per sequence per step; raising fails only that request."""
-        request = getattr(seq, "request", None)
-        if request is not None and request.request_id in self.marked \
-                and seq.num_output_tokens >= self.raise_at_token:
-            raise RuntimeError("injected fault")
+    def check_output(self, request_id: str, output) -> None:
+        if request_id in self.marked and any(len(c.token_ids) >= self.raise_at_token for c in output.outputs):
+            raise InjectedFault("injected fault")
+
+    def engine_hook(self, seq) -> None:
+        """engine.fault_hook: called per scheduled sequence before the model runs."""
+        if seq.request.request_id in self.engine_marked and seq.num_output_tokens >= self.engine_raise_at_token:
+            raise InjectedFault("injected engine fault")
+
+    def forget(self, request_id: str) -> None:
+        self.marked.discard(request_id)
+        self.engine_marked.discard(request_id)
 
 
 class Worker:
@@ -96,8 +117,8 @@ class Worker:
             self.send({"op": "load_error", "message": f"the model failed to load ({type(e).__name__})"})
             return False
         inner = self.engine.engine
-        if self.faults.raise_at_token is not None:
-            inner.fault_hook = self.faults.hook
+        if self.faults.engine_raise_at_token is not None:
+            inner.fault_hook = self.faults.engine_hook
         self.send({"op": "ready", "info": {"max_model_len": int(inner.max_model_len),
                                            "vocab_size": int(inner.model_config.vocab_size),
                                            "eos_token_ids": [int(t) for t in inner.eos_token_ids]}})
@@ -109,11 +130,14 @@ class Worker:
         try:
             params = wire.params_from_dict(message["params"])
             self.faults.on_request(request_id, message.get("prompt"))
-            async for output in self.engine.generate(request_id, message["prompt_token_ids"], params,
-                                                     prompt=message.get("prompt")):
-                self.send(encoder.encode(output))
+            outputs = self.engine.generate(request_id, message["prompt_token_ids"], params,
+                                           prompt=message.get("prompt"))
+            async with aclosing(outputs):  # leaving early (abort, failure) aborts it in the engine
+                async for output in outputs:
+                    self.faults.check_output(request_id, output)
+                    self.send(encoder.encode(output))
         except asyncio.CancelledError:
-            pass  # aborted by the HTTP side; closing the generator freed the request's blocks
+            pass  # aborted by the HTTP side
         except InvalidRequestError as e:
             self.send({"op": "error", "id": request_id, "kind": "invalid_request", "message": str(e),
                        "param": e.param, "code": getattr(e, "code", None)})
@@ -123,6 +147,7 @@ class Worker:
                        "message": "the engine failed this request", "param": None})
         finally:
             self.tasks.pop(request_id, None)
+            self.faults.forget(request_id)
 
     def handle(self, message: dict) -> bool:
         """Act on one message; False means stop."""
