@@ -170,3 +170,9 @@ def test_cli(qwen_checkpoint, calib_file, tmp_path, capsys):
         assert main(["quantize", str(qwen_checkpoint), "-o", str(tmp_path / "bad"), *argv]) == 1
         assert message in capsys.readouterr().err
         assert not (tmp_path / "bad").exists()
+
+
+def test_calibration_windows_never_exceed_the_context(qwen_checkpoint, calib_file, tmp_path):
+    options = QuantizeOptions(method="gptq", scheme=SMALL, calib_windows=2, calib_window_tokens=1000)
+    result = quantize_model(qwen_checkpoint, tmp_path / "q", options, calib=calib_file, progress=False)
+    assert result.calibration_tokens == 2 * 256   # max_position_embeddings of the tiny model

@@ -186,7 +186,8 @@ def quantize_model(model_dir: str | Path, output_dir: str | Path, options: Quant
         wanted = options.calib_windows * options.calib_window_tokens
         text = read_calibration_text(calib, wanted * CHARS_PER_TOKEN_BOUND)
         ids = Tokenizer.from_folder(model_dir).encode(text)
-        windows = calibration_windows(ids, options.calib_window_tokens, options.calib_windows, options.seed)
+        window_tokens = min(options.calib_window_tokens, config.max_position_embeddings)
+        windows = calibration_windows(ids, window_tokens, options.calib_windows, options.seed)
 
     compute_dtype = parse_dtype(dtype, device) if dtype not in (None, "auto") else _checkpoint_dtype(config)
     model, config = load_model(model_dir, device=device, dtype=compute_dtype, progress=progress)

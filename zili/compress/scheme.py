@@ -76,10 +76,10 @@ class QuantizeOptions:
     calib_windows: int = 64
     """Calibration token windows (GPTQ / AWQ)."""
     calib_window_tokens: int = 512
-    """Tokens per calibration window."""
+    """Tokens per calibration window (at most the model's context)."""
     awq_grid: int = 20
     """AWQ: number of alpha values tried in [0, 1)."""
-    awq_max_tokens: int = 4096
+    awq_max_tokens: int = 2048
     """AWQ: calibration tokens kept per layer for the scale and clipping searches."""
     seed: int = 0
 
