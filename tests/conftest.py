@@ -17,7 +17,9 @@ Plain functions (tests/tiny_models.py, importable as `from tiny_models import ..
   **config_overrides) -> folder`: the same as the factory, into a folder you choose.
 - `build_tokenizer(folder, chat_template=..., template_file=False)`: tokenizer files only.
 - `load_reference(folder, dtype, attn_implementation="sdpa")`: the `transformers` model of a folder, the test oracle.
-- `TRAINING_TEXT`, `TINY_CONFIG`, `SIMPLE_CHAT_TEMPLATE`, `token_id(token)`.
+- `zili_logits(model, ids)`, `zili_greedy(model, prompt, n)` (reference loop, EOS ignored),
+  `reference_greedy(hf_model, prompt, n)` (transformers.generate), `random_tokens(vocab, n, seed)`.
+- `TRAINING_TEXT`, `TINY_CONFIG`, `SIMPLE_CHAT_TEMPLATE`, `token_id(token)`, `copy_checkpoint(src, dst)`.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ built-in text and writes `tokenizer.json` + `tokenizer_config.json` (special tok
 template) the way a Hugging Face model folder holds them. `make_checkpoint(folder, arch, **config)`
 builds a seeded random-weight `transformers` model of that architecture and saves it with
 `save_pretrained` (safetensors), next to the tokenizer and a `generation_config.json`.
-`load_reference(folder)` loads the same folder back with `transformers`, the oracle for zili.
+`load_reference(folder)` loads the same folder back with `transformers`, the oracle for zili;
+`zili_logits` / `zili_greedy` and `reference_greedy` run one sequence through each side.
 
 Import it from any test (`from tiny_models import make_checkpoint`; tests/ is on sys.path) or use
 the fixtures in tests/conftest.py. `transformers` is imported lazily: only tests use it.
@@ -185,3 +186,42 @@ def load_reference(folder: str | Path, dtype: torch.dtype = torch.float32, attn_
 def copy_checkpoint(source: str | Path, target: str | Path) -> Path:
     """A writable copy of a checkpoint folder (to corrupt it in error tests)."""
     return Path(shutil.copytree(source, target))
+
+
+# ---- running zili and the oracle on one sequence ----------------------------------------------
+
+def zili_logits(model, token_ids: list[int]) -> torch.Tensor:
+    """Logits (T, vocab) of one sequence in a single forward pass through a fresh dense cache."""
+    from zili.layers.attention import DenseKVCache
+
+    config = model.config
+    dtype = model.model.embed_tokens.weight.dtype
+    cache = DenseKVCache(config.num_hidden_layers, len(token_ids), config.num_key_value_heads,
+                         config.head_dim, dtype, "cpu")
+    with torch.inference_mode():
+        hidden = model(torch.tensor(token_ids), torch.arange(len(token_ids)), cache)
+        return model.compute_logits(hidden)
+
+
+def zili_greedy(model, prompt: list[int], num_tokens: int) -> list[int]:
+    """`num_tokens` greedy tokens of the reference loop, EOS ignored."""
+    from zili.generation import generate_tokens
+    from zili.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=num_tokens, ignore_eos=True)
+    return [step.token_id for step in generate_tokens(model, prompt, params, [], max_model_len=1024)]
+
+
+def reference_greedy(reference, prompt: list[int], num_tokens: int) -> list[int]:
+    """`num_tokens` greedy tokens of `transformers.generate`, EOS ignored."""
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():  # an explicit mask: without one, tokens equal to pad_token_id would be masked
+        out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=num_tokens,
+                                 do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def random_tokens(vocab_size: int, length: int, seed: int) -> list[int]:
+    """A seeded random token sequence."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (length,), generator=generator).tolist()

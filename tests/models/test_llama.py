@@ -11,11 +11,9 @@ import json
 import pytest
 import torch
 
-from tiny_models import load_reference, make_checkpoint
-from zili.generation import generate_tokens
-from zili.layers.attention import DenseKVCache
+from tiny_models import (load_reference, make_checkpoint, random_tokens, reference_greedy, zili_greedy,
+                         zili_logits)
 from zili.models.loader import load_model
-from zili.sampling_params import SamplingParams
 
 SEQ_LEN = 48        # longer than the sliding windows (8) and the dynamic-rope context (32) below
 PROMPT_LEN = 12
@@ -78,34 +76,6 @@ def pair(request, tmp_path_factory):
     model, config = load_model(folder, device="cpu", dtype=torch.float32)
     reference = load_reference(folder, torch.float32)
     return model, reference, config, folder
-
-
-def zili_logits(model, token_ids: list[int]) -> torch.Tensor:
-    """Logits (T, vocab) of one sequence in a single forward pass through a fresh dense cache."""
-    config = model.config
-    dtype = model.model.embed_tokens.weight.dtype
-    cache = DenseKVCache(config.num_hidden_layers, len(token_ids), config.num_key_value_heads,
-                         config.head_dim, dtype, "cpu")
-    with torch.inference_mode():
-        hidden = model(torch.tensor(token_ids), torch.arange(len(token_ids)), cache)
-        return model.compute_logits(hidden)
-
-
-def zili_greedy(model, prompt: list[int], num_tokens: int) -> list[int]:
-    params = SamplingParams(temperature=0.0, max_tokens=num_tokens, ignore_eos=True)
-    return [step.token_id for step in generate_tokens(model, prompt, params, [], max_model_len=1024)]
-
-
-def reference_greedy(reference, prompt: list[int], num_tokens: int) -> list[int]:
-    with torch.inference_mode():
-        out = reference.generate(torch.tensor([prompt]), max_new_tokens=num_tokens, do_sample=False,
-                                 eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
-
-
-def random_tokens(vocab_size: int, length: int, seed: int) -> list[int]:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab_size, (length,), generator=generator).tolist()
 
 
 def test_logits_match_transformers(pair):

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from test_llama import random_tokens, zili_greedy, zili_logits
-from tiny_models import copy_checkpoint, load_reference, make_checkpoint
+from tiny_models import (copy_checkpoint, load_reference, make_checkpoint, random_tokens, zili_greedy,
+                         zili_logits)
 from zili.errors import CheckpointFormatError, ModelLoadError, UnsupportedArchitectureError
 from zili.models.loader import load_model
 from zili.models.registry import MODEL_REGISTRY
