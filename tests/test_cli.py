@@ -1,13 +1,15 @@
 """The `zili` command end to end, in subprocesses: generate, chat over stdin, and clean errors.
 
-Subprocesses start in parallel (one module fixture per group) since each pays the torch import;
-every expected output comes from the reference loop run here on the same folder. Runs use fp32:
+A few real subprocesses (started together, since each pays the torch import) cover the entry
+point, stdin/stdout and exit codes; the other cases call `zili.cli.main` in this process, the same
+code path. Every expected output comes from the reference loop on the same folder. Runs use fp32:
 in bf16 the engine's paged attention and the reference's dense attention round differently, so
 greedy picks may legitimately differ on near-ties.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import struct
@@ -57,7 +59,7 @@ def run_all(commands: dict[str, tuple[list[str], str | None]]) -> dict[str, Resu
     return {name: finish(proc) for name, proc in started.items()}
 
 
-# ---- generate and chat ---------------------------------------------------------------------
+# ---- fixtures: a checkpoint, its reference replies, broken copies, the subprocess runs ---------
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
@@ -66,7 +68,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(folder):
-    """reply(prompt_ids) -> greedy text of the reference loop."""
+    """(tokenizer, reply(prompt_ids) -> greedy text of the reference loop)."""
     model, _ = load_model(folder, device="cpu", dtype=torch.float32)
     tokenizer = Tokenizer.from_folder(folder)
     eos = GenerationDefaults.from_folder(folder).eos_token_ids
@@ -79,19 +81,76 @@ def reference(folder):
     return tokenizer, reply
 
 
-CHAT_INPUT = "Hello\nHow are you?\n/reset\nNew topic\n"   # then EOF
+def _write_header(path: Path, header: dict, data_bytes: int) -> None:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * data_bytes)
+
+
+def _edit_config(folder: Path, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+ERROR_CASES = {
+    # name: (how to damage a copy of the checkpoint, words the message must contain)
+    "missing-folder": (None, ["model folder not found"]),
+    "missing-config": (lambda f: (f / "config.json").unlink(), ["no config.json"]),
+    "config-not-json": (lambda f: (f / "config.json").write_text("{oops"), ["not valid JSON"]),
+    "unknown-architecture": (lambda f: _edit_config(f, architectures=["BertModel"]),
+                             ["'BertModel' is not supported", "LlamaForCausalLM", "Qwen3ForCausalLM"]),
+    "missing-weights": (lambda f: (f / "model.safetensors").unlink(), ["no *.safetensors"]),
+    "pickle-only": (lambda f: (f / "model.safetensors").rename(f / "pytorch_model.bin"), ["pickle"]),
+    "truncated": (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:5000]),
+                  ["truncated"]),
+    "lying-header": (lambda f: _write_header(f / "model.safetensors", {
+        "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+        "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, 24), ["overlap"]),
+    "shape-mismatch": (lambda f: _edit_config(f, intermediate_size=96), ["shape mismatch", "mlp"]),
+}
 
 
 @pytest.fixture(scope="module")
-def runs(folder):
-    sampling = ["--max-tokens", MAX_TOKENS, "--temperature", 0, "--dtype", "float32"]
-    return run_all({
-        "generate": (["generate", folder, PROMPT, *sampling], None),
-        "generate-chat": (["generate", folder, PROMPT, "--chat", *sampling], None),
-        "chat": (["chat", folder, *sampling], CHAT_INPUT),
-        "chat-exit": (["chat", folder, *sampling, "--system", "Be brief."], "Hi\n/exit\nnever answered\n"),
-    })
+def broken_folders(folder, tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("errors")
+    folders = {}
+    for name, (damage, _) in ERROR_CASES.items():
+        folders[name] = base / "does-not-exist"
+        if damage is not None:
+            folders[name] = copy_checkpoint(folder, base / name)
+            damage(folders[name])
+    return folders
 
+
+SAMPLING = ["--max-tokens", MAX_TOKENS, "--temperature", 0, "--dtype", "float32"]
+CHAT_INPUT = "Hello\nHow are you?\n/reset\nNew topic\n"   # then EOF
+SUBPROCESS_ERROR_CASES = ["missing-folder", "truncated"]
+
+
+@pytest.fixture(scope="module")
+def runs(folder, broken_folders):
+    """The real `zili` processes, all started at once."""
+    commands = {
+        "generate": (["generate", folder, PROMPT, *SAMPLING], None),
+        "chat": (["chat", folder, *SAMPLING], CHAT_INPUT),
+        "debug": (["generate", "--debug", broken_folders["missing-folder"], "hi"], None),
+    }
+    for name in SUBPROCESS_ERROR_CASES:
+        commands[name] = (["generate", broken_folders[name], "hi", "--max-tokens", 2], None)
+    return run_all(commands)
+
+
+def run_in_process(args: list, capsys, monkeypatch=None, stdin: str | None = None) -> Result:
+    """`zili ARGS` through zili.cli.main in this process (same code path, no interpreter start-up)."""
+    from zili.cli import main
+
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    returncode = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return Result(returncode, captured.out, captured.err)
+
+
+# ---- generate and chat ---------------------------------------------------------------------
 
 def test_generate_prints_prompt_and_reference_continuation(runs, reference):
     tokenizer, reply = reference
@@ -101,9 +160,15 @@ def test_generate_prints_prompt_and_reference_continuation(runs, reference):
     assert len(result.stdout) > len(PROMPT) + 1
 
 
-def test_generate_chat_wraps_the_prompt(runs, reference):
+def test_generate_reads_the_prompt_from_stdin(folder, runs, capsys, monkeypatch):
+    result = run_in_process(["generate", folder, *SAMPLING], capsys, monkeypatch, stdin=PROMPT)
+    assert result.returncode == 0
+    assert result.stdout == runs["generate"].stdout
+
+
+def test_generate_chat_wraps_the_prompt(folder, reference, capsys):
     tokenizer, reply = reference
-    result = runs["generate-chat"]
+    result = run_in_process(["generate", folder, PROMPT, "--chat", *SAMPLING], capsys)
     assert result.returncode == 0, result.stderr
     assert result.stdout == reply(tokenizer.encode_chat([{"role": "user", "content": PROMPT}])) + "\n"
 
@@ -121,9 +186,10 @@ def test_chat_answers_each_line_and_exits_on_eof(runs, reference):
     assert "Traceback" not in result.stderr
 
 
-def test_chat_system_prompt_and_exit_command(runs, reference):
+def test_chat_system_prompt_and_exit_command(folder, reference, capsys, monkeypatch):
     tokenizer, reply = reference
-    result = runs["chat-exit"]
+    result = run_in_process(["chat", folder, *SAMPLING, "--system", "Be brief."], capsys, monkeypatch,
+                            stdin="Hi\n/exit\nnever answered\n")
     assert result.returncode == 0, result.stderr
     answer = reply(tokenizer.encode_chat([{"role": "system", "content": "Be brief."},
                                           {"role": "user", "content": "Hi"}]))
@@ -131,57 +197,6 @@ def test_chat_system_prompt_and_exit_command(runs, reference):
 
 
 # ---- errors: one `error: ...` line, exit code 1, no traceback (unless --debug) --------------
-
-def _write_header(path: Path, header: dict, data_bytes: int) -> None:
-    raw = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * data_bytes)
-
-
-def _broken(base: Path, name: str, damage) -> Path:
-    folder = copy_checkpoint(base, base.parent / f"broken-{name}")
-    damage(folder)
-    return folder
-
-
-ERROR_CASES = {
-    # name: (how to damage a copy of the checkpoint, words the message must contain)
-    "missing-folder": (None, ["model folder not found"]),
-    "missing-config": (lambda f: (f / "config.json").unlink(), ["no config.json"]),
-    "config-not-json": (lambda f: (f / "config.json").write_text("{oops"), ["not valid JSON"]),
-    "unknown-architecture": (
-        lambda f: (f / "config.json").write_text(json.dumps(
-            {**json.loads((f / "config.json").read_text()), "architectures": ["BertModel"]})),
-        ["'BertModel' is not supported", "LlamaForCausalLM", "Qwen3ForCausalLM"]),
-    "missing-weights": (lambda f: (f / "model.safetensors").unlink(), ["no *.safetensors"]),
-    "pickle-only": (lambda f: (f / "model.safetensors").rename(f / "pytorch_model.bin"), ["pickle"]),
-    "truncated": (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:5000]),
-                  ["truncated"]),
-    "lying-header": (lambda f: _write_header(f / "model.safetensors", {
-        "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
-        "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, 24), ["overlap"]),
-    "shape-mismatch": (lambda f: (f / "config.json").write_text(json.dumps(
-        {**json.loads((f / "config.json").read_text()), "intermediate_size": 96})), ["shape mismatch", "mlp"]),
-}
-
-
-@pytest.fixture(scope="module")
-def broken_folders(folder, tmp_path_factory) -> dict[str, Path]:
-    base = copy_checkpoint(folder, tmp_path_factory.mktemp("errors") / "base")
-    return {name: base.parent / "does-not-exist" if damage is None else _broken(base, name, damage)
-            for name, (damage, _) in ERROR_CASES.items()}
-
-
-SUBPROCESS_ERROR_CASES = ["missing-folder", "truncated", "shape-mismatch"]  # one per loading stage
-
-
-@pytest.fixture(scope="module")
-def error_runs(broken_folders):
-    missing = broken_folders["missing-folder"]
-    commands = {name: (["generate", broken_folders[name], "hi", "--max-tokens", 2], None)
-                for name in SUBPROCESS_ERROR_CASES}
-    commands["debug"] = (["generate", "--debug", missing, "hi"], None)
-    return run_all(commands)
-
 
 def assert_one_error_line(result: Result, words: list[str]) -> None:
     assert result.returncode == 1, result.stderr
@@ -192,18 +207,9 @@ def assert_one_error_line(result: Result, words: list[str]) -> None:
     assert result.stdout == ""
 
 
-def run_in_process(args: list, capsys) -> Result:
-    """`zili ARGS` through zili.cli.main in this process (same code path, no interpreter start-up)."""
-    from zili.cli import main
-
-    returncode = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return Result(returncode, captured.out, captured.err)
-
-
 @pytest.mark.parametrize("case", SUBPROCESS_ERROR_CASES)
-def test_broken_model_folder_gives_one_error_line(error_runs, case):
-    assert_one_error_line(error_runs[case], ERROR_CASES[case][1])
+def test_broken_model_folder_gives_one_error_line(runs, case):
+    assert_one_error_line(runs[case], ERROR_CASES[case][1])
 
 
 @pytest.mark.parametrize("case", list(ERROR_CASES))
@@ -217,8 +223,8 @@ def test_invalid_sampling_parameter(folder, capsys):
     assert_one_error_line(result, ["temperature"])
 
 
-def test_debug_shows_the_traceback(error_runs):
-    result = error_runs["debug"]
+def test_debug_shows_the_traceback(runs):
+    result = runs["debug"]
     assert result.returncode == 1
     assert "Traceback" in result.stderr and "ModelLoadError: model folder not found" in result.stderr
 
@@ -229,16 +235,6 @@ def test_debug_flag_before_or_after_the_command_reraises(broken_folders, argv, c
 
     with pytest.raises(ModelLoadError, match="model folder not found"):
         run_in_process([*argv, broken_folders["missing-folder"], "hi"], capsys)
-
-
-def test_generate_reads_the_prompt_from_stdin(folder, runs, capsys, monkeypatch):
-    import io
-
-    monkeypatch.setattr(sys, "stdin", io.StringIO(PROMPT))
-    result = run_in_process(["generate", folder, "--max-tokens", MAX_TOKENS, "--temperature", 0,
-                             "--dtype", "float32"], capsys)
-    assert result.returncode == 0
-    assert result.stdout == runs["generate"].stdout
 
 
 def test_help_lists_the_commands(capsys):
