@@ -168,5 +168,17 @@ def engine_metrics(url: str, headers: dict | None = None) -> dict[str, float]:
     return values
 
 
+def wait_for_metrics(url: str, condition, timeout_s: float = 20.0, headers: dict | None = None) -> dict:
+    """Scrape /metrics until `condition(values)` holds (work in flight settles); fail after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        values = engine_metrics(url, headers)
+        if condition(values):
+            return values
+        if time.monotonic() > deadline:
+            raise AssertionError(f"metrics never settled: {values}")
+        time.sleep(0.05)
+
+
 def complete(http_client: httpx.Client, **body) -> httpx.Response:
     return http_client.post("/v1/completions", json={"model": MODEL_NAME, **body})

@@ -78,3 +78,25 @@ def test_queue_timeout_gives_503(serve_model):
     for response in timed_out:
         assert response.status_code == 503 and "retry-after" in response.headers
         assert "queue" in response.json()["error"]["message"]
+
+
+def test_a_slot_handed_to_a_leaving_waiter_is_passed_on():
+    """Regression: a waiter cancelled in the same loop turn its slot arrives must not keep it."""
+    from zili.serve.limits import AdmissionController
+
+    async def scenario():
+        admission = AdmissionController(max_running=1, max_queued=2, queue_timeout_s=60)
+        first = await admission.acquire()
+        leaving = asyncio.create_task(admission.acquire())
+        staying = asyncio.create_task(admission.acquire())
+        await asyncio.sleep(0)  # both are queued now
+        first.release()  # hands the slot to `leaving`...
+        leaving.cancel()  # ...whose client goes away before it runs again
+        await asyncio.gather(leaving, return_exceptions=True)
+        ticket = await staying  # the slot moved on
+        counts = (admission.num_running, admission.num_queued)
+        ticket.release()
+        return counts, (admission.num_running, admission.num_queued)
+
+    during, after = asyncio.run(scenario())
+    assert during == (1, 0) and after == (0, 0)

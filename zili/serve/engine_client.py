@@ -38,7 +38,8 @@ class ModelInfo:
 
 
 METRIC_NAMES = ("num_running", "num_waiting", "kv_blocks_used", "kv_blocks_total", "prefix_cache_hit_rate",
-                "num_preemptions", "prompt_tokens_total", "generation_tokens_total")
+                "num_preemptions", "prompt_tokens_total", "generation_tokens_total", "num_requests_finished",
+                "num_requests_aborted")
 
 
 def metrics_dict(metrics) -> dict:

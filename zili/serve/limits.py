@@ -130,18 +130,25 @@ class AdmissionController:
             return Ticket(self)
         if len(self._waiters) >= self.max_queued:
             raise self._busy("the server is at capacity; retry later")
-        waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
         self._waiters.append(waiter)
+        # not asyncio.wait_for: on 3.11 it can swallow a cancellation that races with the slot
+        # being handed over, and the slot would leak
+        timer = loop.call_later(self.queue_timeout_s,
+                                lambda: waiter.done() or waiter.set_exception(asyncio.TimeoutError()))
         try:
-            await asyncio.wait_for(waiter, self.queue_timeout_s)
+            await waiter
         except BaseException as error:
-            if waiter.done() and not waiter.cancelled():
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 self._release()  # the slot arrived as we gave up: pass it on
             elif waiter in self._waiters:
                 self._waiters.remove(waiter)
             if isinstance(error, asyncio.TimeoutError):
                 raise self._busy("the request waited too long in the queue; retry later") from None
             raise
+        finally:
+            timer.cancel()
         return Ticket(self)
 
     def _release(self) -> None:

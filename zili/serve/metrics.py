@@ -33,7 +33,9 @@ class _EngineCollector:
             yield GaugeMetricFamily(f"zili_engine_{name}", doc, value=s.get(name, 0.0))
         counters = (("prompt_tokens", "prompt_tokens_total", "Prompt tokens computed"),
                     ("generation_tokens", "generation_tokens_total", "Tokens generated"),
-                    ("preemptions", "num_preemptions", "Sequences preempted for KV space"))
+                    ("preemptions", "num_preemptions", "Sequences preempted for KV space"),
+                    ("requests_finished", "num_requests_finished", "Requests the engine completed"),
+                    ("requests_aborted", "num_requests_aborted", "Requests aborted (client gone, failure)"))
         for name, key, doc in counters:
             yield CounterMetricFamily(f"zili_engine_{name}", doc, value=s.get(key, 0.0))
         if self.admission is not None:

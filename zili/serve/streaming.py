@@ -111,7 +111,9 @@ async def until_disconnect(request: Request, work):
     if task.done():
         return task.result()
     task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    result = (await asyncio.gather(task, return_exceptions=True))[0]
+    if isinstance(result, Ticket):  # acquired just as the client left: nobody will use it
+        result.release()
     raise APIError(499, "client closed the connection", code="client_disconnected")
 
 
