@@ -56,7 +56,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantSche
                   block_size: int = 128, damp_percent: float = 0.01, act_order: bool = False,
                   scale_dtype: torch.dtype = torch.float32) -> QuantizedWeight:
     """weight: (N, K); hessian: (K, K) of the layer's inputs -> QuantizedWeight."""
-    w = weight.float().clone()
+    w = weight.float().clone()                                   # (N, K)
     h = hessian.float().clone()
     n, k = w.shape
     group_size = scheme.group_size_for(k)
@@ -72,33 +72,37 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantSche
         zeros = torch.empty(n, k // group_size, dtype=torch.uint8)
 
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
-    w, h = w[:, perm], h[perm][:, perm]
-    group_of_column = perm // group_size                        # group of each processed column
+    h = h[perm][:, perm]
+    group_of_column = (perm // group_size).tolist()             # group of each processed column
     upper = _inverse_hessian_cholesky(h, damp_percent)
 
     if not static:  # blocks never straddle a group: its parameters come from its current (updated) weights
         block_size = max(block_size // group_size, 1) * group_size
-    codes = torch.zeros(n, k, dtype=torch.uint8)
+    # Work on the transpose so that each processed column is a contiguous row: (K, N).
+    w_t = w[:, perm].t().contiguous()
+    codes_t = torch.empty(k, n, dtype=torch.uint8)
     mid, max_code = scheme.mid_code, scheme.max_code
     for start in range(0, k, block_size):
         end = min(start + block_size, k)
-        block = w[:, start:end].clone()
-        errors = torch.zeros_like(block)
+        block = w_t[start:end].clone()                          # (B, N)
+        errors = torch.empty_like(block)
         u_block = upper[start:end, start:end]
         for i in range(end - start):
             column = start + i
-            group = int(group_of_column[column])
+            group = group_of_column[column]
             if not static and column % group_size == 0:
-                group_scales, group_zeros = compute_qparams(block[:, i:i + group_size], scheme, scale_dtype)
+                group_scales, group_zeros = compute_qparams(block[i:i + group_size].t(), scheme, scale_dtype)
                 scales[:, group], zeros[:, group] = group_scales[:, 0], group_zeros[:, 0]
-            s, z = scales[:, group], zeros[:, group].float()
-            q = (torch.round(block[:, i] / s + (z - mid)) + mid).clamp(0, max_code)
-            codes[:, column] = q.to(torch.uint8)
-            err = (block[:, i] - (q - z) * s) / u_block[i, i]
-            block[:, i:] -= err[:, None] * u_block[i, i:][None, :]
-            errors[:, i] = err
-        w[:, end:] -= errors @ upper[start:end, end:]
+            if i == 0 or column % group_size == 0 or static:
+                s, shift = scales[:, group], zeros[:, group].float() - mid
+            row = block[i]
+            q = (torch.round(row / s + shift) + mid).clamp_(0, max_code)
+            codes_t[column] = q.to(torch.uint8)
+            err = (row - (q - mid - shift) * s) / u_block[i, i]
+            block[i + 1:].addr_(u_block[i, i + 1:], err, alpha=-1)  # feed the error into later columns
+            errors[i] = err
+        w_t[end:] -= upper[start:end, end:].t() @ errors
 
-    codes_original_order = torch.empty_like(codes)
-    codes_original_order[:, perm] = codes
-    return QuantizedWeight(codes_original_order, scales, zeros, scheme.bits, group_size)
+    codes = torch.empty(n, k, dtype=torch.uint8)
+    codes[:, perm] = codes_t.t()
+    return QuantizedWeight(codes, scales, zeros, scheme.bits, group_size)
