@@ -48,6 +48,9 @@ CATEGORIES = (
     ("engine/", "engine (scheduler, outputs)"),
 )
 OTHER = "other"
+MATMUL = "matmul (GEMV)"
+# A matmul op outside attention is a weight GEMV wherever it is called from (e.g. the lm_head).
+MATMUL_OP_MARKERS = ("aten::mm", "aten::addmm", "aten::linear", "aten::mv", "pack_mm", "gemm")
 
 
 def categorize(frames: list[str]) -> str:
@@ -102,6 +105,8 @@ def torch_profile(llm, prompt_tokens: int, steps: int) -> dict:
                 frames.append(parent.name)
             parent = parent.cpu_parent
         category = categorize(frames)
+        if category != "attention" and any(m in event.name for m in MATMUL_OP_MARKERS):
+            category = MATMUL
         by_category[category] += event.self_cpu_time_total / 1e3  # ms
         by_op[event.name] += event.self_cpu_time_total / 1e3
     profiled_ms = sum(durations) * 1e3
