@@ -27,6 +27,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 WORK_DIR = BENCH_DIR / "work"
 PEERS_DIR = WORK_DIR / "peers"
 LLAMA_TARGETS = ("llama-quantize", "llama-bench", "llama-server")
+# The source package whose vendored llama.cpp the harness was checked with; --llama-cpp-python overrides.
+LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 
 # import name -> pip requirement; benchmark-only, never zili dependencies.
 BENCH_PACKAGES = {
@@ -93,7 +95,7 @@ def tool_path(name: str) -> str | None:
     return shutil.which(name) or _venv_tool(name)
 
 
-def llama_cpp_source() -> Path:
+def llama_cpp_source(requirement: str = LLAMA_CPP_PYTHON) -> Path:
     """Download (once) the llama-cpp-python sdist and return its vendored llama.cpp folder."""
     PEERS_DIR.mkdir(parents=True, exist_ok=True)
     trees = sorted(PEERS_DIR.glob("llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py"))
@@ -102,21 +104,14 @@ def llama_cpp_source() -> Path:
     archives = sorted(PEERS_DIR.glob("llama_cpp_python-*.tar.gz"))
     if not archives:
         log("downloading the llama-cpp-python source package from PyPI")
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-             "--no-build-isolation", "llama-cpp-python", "-d", str(PEERS_DIR)],
-            check=False,
-        )
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                        requirement, "-d", str(PEERS_DIR)], check=True)
         archives = sorted(PEERS_DIR.glob("llama_cpp_python-*.tar.gz"))
-        if not archives:  # --no-build-isolation fails without scikit-build-core; retry isolated
-            subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                 "llama-cpp-python", "-d", str(PEERS_DIR)],
-                check=True,
-            )
-            archives = sorted(PEERS_DIR.glob("llama_cpp_python-*.tar.gz"))
     with tarfile.open(archives[-1]) as archive:
-        archive.extractall(PEERS_DIR, filter="data")
+        if hasattr(tarfile, "data_filter"):  # Python >= 3.10.12 / 3.11.4: refuse unsafe members
+            archive.extractall(PEERS_DIR, filter="data")
+        else:
+            archive.extractall(PEERS_DIR)
     return sorted(PEERS_DIR.glob("llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py"))[-1].parent
 
 
@@ -163,11 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel compile jobs")
     parser.add_argument("--nice", type=int, default=10, help="niceness of the compile")
     parser.add_argument("--skip-llama-cpp", action="store_true", help="only install the pip tools")
+    parser.add_argument("--llama-cpp-python", default=LLAMA_CPP_PYTHON, help="pip requirement of the source package")
     args = parser.parse_args(argv)
+    # tools pip puts next to the interpreter (cmake, ninja, py-spy) must be found by subprocesses
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     ensure_python_packages()
     if not args.skip_llama_cpp:
         ensure_build_tools()
-        source = llama_cpp_source()
+        source = llama_cpp_source(args.llama_cpp_python)
         build_llama_cpp(source, args.jobs, args.nice)
     log(json.dumps(peer_paths(), indent=1))
     return 0
