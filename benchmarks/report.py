@@ -246,9 +246,12 @@ def render_markdown(results: dict) -> str:
     ]
     if results.get("errors"):
         out += ["## Not measured in this run", "", *[f"- {e}" for e in results["errors"]], ""]
+    schemes = "; ".join(f"{p}: {get(results, 'zili', p, 'quant_scheme')}" for p in PRECISIONS[1:]
+                        if get(results, "zili", p, "quant_scheme"))
     out += ["## Method", "",
-            "- zili: `zili.llm.LLM` (`benchmarks/offline_zili.py`) and `zili serve`; int8 / int4 checkpoints "
-            "from `zili quantize`.",
+            "- zili: `zili.llm.LLM` and its engine (`benchmarks/offline_zili.py`) and `zili serve`; int8 / int4 "
+            f"checkpoints from `zili quantize` with its defaults ({schemes or 'not made in this run'}; embeddings "
+            "stay bf16, so the tied output head is read in bf16).",
             "- llama.cpp: `llama-bench -t T -p 512 -n 128 -r N` and `llama-server -np 16`, built from the "
             "llama-cpp-python source package with AVX-512 and without AMX (`benchmarks/setup_peers.py`).",
             "- transformers: `generate` in bf16 (`benchmarks/offline_transformers.py`); its 16-request figure is "

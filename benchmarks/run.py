@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import llamacpp
 import setup_peers
-from common import (GGUF_TYPE, MODEL_DIR, PRECISIONS, QUANT_DIR, REPO_DIR, RESULTS_DIR, gguf_bytes_per_token,
+from common import (GGUF_DIR, GGUF_TYPE, MODEL_DIR, PRECISIONS, QUANT_DIR, REPO_DIR, RESULTS_DIR, gguf_bytes_per_token,
                     log, machine_description, run_child, safetensors_bytes_per_token)
 from report import headline_table, write_report
 from servers import free_port, llama_server_command, measure_server, zili_serve_command
@@ -49,6 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--skip-setup", action="store_true", help="do not run setup_peers.py")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="llama.cpp compile jobs")
+    parser.add_argument("--fresh-models", action="store_true",
+                        help="recreate the checkpoint, zili's int8 / int4 folders and the GGUF files")
     parser.add_argument("--note", default="", help="a remark printed at the top of the report")
     parser.add_argument("--no-report", action="store_true", help="measure only; keep docs/ untouched")
     args = parser.parse_args(argv)
@@ -107,24 +110,33 @@ def make_checkpoint() -> None:
 
 
 def zili_quantize(precision: str) -> Path:
-    """A zili int8 / int4 checkpoint of the benchmark model via `zili quantize` (created once)."""
+    """A zili int8 / int4 checkpoint of the benchmark model via `zili quantize` (created once; its
+    defaults: RTN, symmetric, int8 per channel, int4 groups of 128, embeddings kept in bf16)."""
     out = QUANT_DIR / precision
     if (out / "config.json").exists() and any(out.glob("*.safetensors")):
         return out
-    base = [sys.executable, "-m", "zili.cli", "quantize"]
-    help_text = subprocess.run([*base, "--help"], capture_output=True, text=True, cwd=REPO_DIR)
-    if help_text.returncode != 0:
-        raise RuntimeError("`zili quantize` is not available yet")
-    command = [*base, str(MODEL_DIR)]
-    text = help_text.stdout
-    command += ["--bits", str(BITS[precision])] if "--bits" in text else ["--scheme", precision]
-    command += ["--output" if "--output" in text else "--out", str(out)]
-    if out.exists() and "--overwrite" in text:  # a run interrupted half-way
+    command = [sys.executable, "-m", "zili.cli", "quantize", str(MODEL_DIR), "--bits", str(BITS[precision]),
+               "--output", str(out)]
+    if out.exists():  # a run interrupted half-way
         command.append("--overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
     log(" ".join(command[2:]))
     subprocess.run(command, check=True, cwd=REPO_DIR)
     return out
+
+
+def quant_scheme(folder: Path) -> str | None:
+    """A short description of a zili checkpoint's quantization_config (None for bf16)."""
+    config = json.loads((folder / "config.json").read_text()).get("quantization_config")
+    if not config:
+        return None
+    groups = config.get("config_groups", {})
+    weights = next(iter(groups.values()), {}).get("weights", {}) if groups else {}
+    if weights:
+        group = weights.get("group_size") or "channel"
+        method = (config.get("zili") or {}).get("method") or config.get("quant_method", "?")
+        return f"{method} int{weights.get('num_bits')} group {group} {'sym' if weights.get('symmetric') else 'asym'}"
+    return json.dumps(config)[:120]
 
 
 def zili_model(precision: str) -> Path:
@@ -157,7 +169,8 @@ def prepare_models(run: Run, peers: dict, precisions: list[str]) -> tuple[dict, 
             path = run.step(f"zili {precision} checkpoint", zili_model, precision)
             if path:
                 zili_paths[precision] = path
-                run.put("zili", precision, {"bytes_per_token": safetensors_bytes_per_token(path)})
+                run.put("zili", precision, {"bytes_per_token": safetensors_bytes_per_token(path),
+                                            "quant_scheme": quant_scheme(path)})
     if "llama.cpp" in run.args.engines:
         if not peers:
             run.results["errors"].append("llama.cpp: not built (run benchmarks/setup_peers.py)")
@@ -241,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         run.step("set up peers", setup, args)
     peers = setup_peers.peer_paths() if setup_peers.peers_ready() else {}
     run.results["versions"] = versions(peers)
+    if args.fresh_models:
+        for folder in (MODEL_DIR, QUANT_DIR, GGUF_DIR):
+            shutil.rmtree(folder, ignore_errors=True)
     run.step("benchmark checkpoint", make_checkpoint)
     server_precisions = args.server_precisions if "server" in args.figures else []
     zili_paths, ggufs = prepare_models(run, peers, list(dict.fromkeys(args.precisions + server_precisions)))
