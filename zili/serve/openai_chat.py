@@ -85,9 +85,12 @@ async def _collect(state: ServerState, body: ChatCompletionRequest, jobs: list[J
         completion_tokens += len(completion.token_ids)
         logprobs = {"content": _logprobs_content(state, completion.logprobs or []), "refusal": None} \
             if body.logprobs else None
-        choices.append({"index": completion.index,
-                        "message": {"role": "assistant", "content": completion.text, "refusal": None},
-                        "logprobs": logprobs, "finish_reason": completion.finish_reason})
+        choice = {"index": completion.index,
+                  "message": {"role": "assistant", "content": completion.text, "refusal": None},
+                  "logprobs": logprobs, "finish_reason": completion.finish_reason}
+        if body.return_token_ids:
+            choice["token_ids"] = list(completion.token_ids)
+        choices.append(choice)
     state.metrics.observe_generation(arrival, first_token_s, time.monotonic(), completion_tokens)
     prompt_tokens = len(jobs[0].prompt_token_ids)
     return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": body.model,
@@ -117,7 +120,7 @@ async def _stream(state: ServerState, body: ChatCompletionRequest, jobs: list[Jo
             completion_tokens += len(delta.token_ids)
             if first_token_s is None and delta.token_ids:
                 first_token_s = time.monotonic()
-            if not (delta.text or delta.finish_reason or (body.logprobs and delta.logprobs)):
+            if not (delta.text or delta.finish_reason or (body.logprobs and delta.logprobs) or body.return_token_ids):
                 continue  # tokens whose text is held back (partial character or stop string)
             if delta.finish_reason == "abort":
                 raise APIError(503, "the request was aborted by the server", code="aborted")
@@ -125,8 +128,11 @@ async def _stream(state: ServerState, body: ChatCompletionRequest, jobs: list[Jo
                 if body.logprobs and delta.logprobs else None
             if delta.finish_reason:
                 state.metrics.finished.labels(reason=delta.finish_reason).inc()
-            choices.append({"index": delta.index, "delta": {"content": delta.text} if delta.text else {},
-                            "logprobs": logprobs, "finish_reason": delta.finish_reason})
+            choice = {"index": delta.index, "delta": {"content": delta.text} if delta.text else {},
+                      "logprobs": logprobs, "finish_reason": delta.finish_reason}
+            if body.return_token_ids:
+                choice["token_ids"] = list(delta.token_ids)
+            choices.append(choice)
         if choices:
             yield chunk(choices)
     state.metrics.observe_generation(arrival, first_token_s, time.monotonic(), completion_tokens)

@@ -85,8 +85,11 @@ async def _collect(state: ServerState, body: CompletionRequest, jobs: list[Job],
             if body.logprobs is not None:
                 entries = (list(output.prompt_logprobs or []) if body.echo else []) + list(completion.logprobs or [])
                 logprobs = _logprobs_block(state, entries, 0)
-            choices.append({"index": job_index * body.n + completion.index, "text": prefix + completion.text,
-                            "logprobs": logprobs, "finish_reason": completion.finish_reason})
+            choice = {"index": job_index * body.n + completion.index, "text": prefix + completion.text,
+                      "logprobs": logprobs, "finish_reason": completion.finish_reason}
+            if body.return_token_ids:
+                choice["token_ids"] = list(completion.token_ids)
+            choices.append(choice)
     state.metrics.observe_generation(arrival, first_token_s, time.monotonic(), completion_tokens)
     prompt_tokens = sum(len(job.prompt_token_ids) for job in jobs)
     return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": body.model,
@@ -113,7 +116,7 @@ async def _stream(state: ServerState, body: CompletionRequest, jobs: list[Job], 
             completion_tokens += len(delta.token_ids)
             if first_token_s is None and delta.token_ids:
                 first_token_s = time.monotonic()
-            if not (delta.text or delta.finish_reason or body.logprobs is not None or
+            if not (delta.text or delta.finish_reason or body.logprobs is not None or body.return_token_ids or
                     (body.echo and delta.index not in echoed)):
                 continue  # tokens whose text is held back (partial character or stop string)
             if delta.finish_reason == "abort":
@@ -126,8 +129,10 @@ async def _stream(state: ServerState, body: CompletionRequest, jobs: list[Job], 
             logprobs = _logprobs_block(state, logprob_entries, 0) if body.logprobs is not None else None
             if delta.finish_reason:
                 state.metrics.finished.labels(reason=delta.finish_reason).inc()
-            choices.append({"index": delta.index, "text": text, "logprobs": logprobs,
-                            "finish_reason": delta.finish_reason})
+            choice = {"index": delta.index, "text": text, "logprobs": logprobs, "finish_reason": delta.finish_reason}
+            if body.return_token_ids:
+                choice["token_ids"] = list(delta.token_ids)
+            choices.append(choice)
         if choices:
             yield chunk(choices)
     state.metrics.observe_generation(arrival, first_token_s, time.monotonic(), completion_tokens)

@@ -78,6 +78,8 @@ class SamplingFields(_Body):
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP * 4)
+    return_token_ids: bool = False
+    """Add each choice's generated token ids ("token_ids"; deltas when streaming)."""
 
     @field_validator("stop")
     @classmethod
