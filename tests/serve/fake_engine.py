@@ -21,8 +21,9 @@ from zili.serve.settings import ServeSettings
 
 
 class SlowFakeEngine(EngineClient):
-    def __init__(self, vocab_size: int, max_model_len: int = 128):
+    def __init__(self, vocab_size: int, max_model_len: int = 128, gate_open: bool = False):
         super().__init__()
+        self.gate_open = gate_open
         self._info = ModelInfo(max_model_len=max_model_len, vocab_size=vocab_size, eos_token_ids=[])
         self.gate: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -33,6 +34,8 @@ class SlowFakeEngine(EngineClient):
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.gate = asyncio.Event()
+        if self.gate_open:
+            self.gate.set()
         self.info = self._info
         self.ready = True
 

@@ -47,9 +47,25 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The sandbox with caps on `*` and `**`: `'x' * 10**9` or `9**9**9` in a hostile template would
+    exhaust memory or CPU in one step that no render time limit can interrupt."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "*":
+            for seq, count in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(count, int) \
+                        and len(seq) * count > MAX_TEMPLATE_OUTPUT_CHARS:
+                    raise jinja2.exceptions.SecurityError("repetition too large in chat template")
+        elif operator == "**" and isinstance(right, int) and abs(right) > 1024:
+            raise jinja2.exceptions.SecurityError("exponent too large in chat template")
+        return super().call_binop(context, operator, left, right)
+
+
 def compile_chat_template(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
