@@ -41,6 +41,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(run=run)
 
 
+def _check_weights(model: Path) -> None:
+    """Refuse pickle-only folders and lying safetensors headers before binding a port.
+
+    Reads headers only; the engine process checks again when it loads.
+    """
+    from zili.models.loader import weight_files
+    from zili.models.safetensors_check import read_header
+
+    for path in weight_files(model):
+        read_header(path)
+
+
 def run(args: argparse.Namespace) -> int:
     from zili.llm import default_model_path
     from zili.serve.server import run_server
@@ -51,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     model = Path(args.model) if args.model else default_model_path()
     if not (model / "config.json").is_file():
         raise ZiliError(f"{model} is not a model folder (no config.json)")
+    _check_weights(model)
     settings = ServeSettings(
         model=model, host=args.host, port=args.port, api_key=args.api_key,
         served_model_names=args.served_model_names, max_num_seqs=args.max_num_seqs, max_queue=args.max_queue,
