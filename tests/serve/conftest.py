@@ -141,6 +141,7 @@ def server(start_server_session, serve_model) -> ServerProcess:
     return start_server_session("--max-model-len", str(SHARED_MAX_MODEL_LEN), "--served-model-name", MODEL_NAME,
                                 "--served-model-name", ALIAS_NAME, "--max-num-seqs", "8",
                                 "--fault-injection", "raise-at-token:3", "--fault-injection", "engine-raise-at-token:2",
+                                "--fault-injection", "slow-stream:0.05",
                                 model=serve_model)
 
 

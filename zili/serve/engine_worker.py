@@ -15,6 +15,8 @@ Test-mode faults (config "faults", honoured only with ZILI_TEST_MODE=1), used by
   engine-raise-at-token:N  the same through engine.fault_hook with FAULT_ENGINE_MARKER: the engine
                            fails the whole batch that request is in (EngineStepError), then goes on
   crash-on-prompt          a request whose prompt holds FAULT_CRASH_MARKER kills this process
+  slow-stream:SECONDS      outputs of a request whose prompt holds FAULT_SLOW_MARKER are sent one per
+                           SECONDS (a slow model, for the chat page's stop button)
   hold-load:PATH           wait until PATH exists before loading the model (to observe "loading")
 """
 
@@ -34,6 +36,7 @@ from zili.serve.engine_client import metrics_dict
 
 FAULT_RAISE_MARKER = "ZILI_FAULT_RAISE"
 FAULT_ENGINE_MARKER = "ZILI_FAULT_ENGINE"
+FAULT_SLOW_MARKER = "ZILI_FAULT_SLOW"
 FAULT_CRASH_MARKER = "ZILI_FAULT_CRASH"
 HEALTH_POLL_S = 0.5
 log = logging.getLogger("zili.serve.engine")
@@ -51,6 +54,8 @@ class Faults:
         self.engine_raise_at_token: int | None = None
         self.crash_on_prompt = False
         self.hold_load_path: str | None = None
+        self.slow_stream_s: float | None = None
+        self.slow: set[str] = set()
         self.marked: set[str] = set()
         self.engine_marked: set[str] = set()
         for spec in specs:
@@ -61,6 +66,8 @@ class Faults:
                 self.engine_raise_at_token = int(arg)
             elif name == "crash-on-prompt":
                 self.crash_on_prompt = True
+            elif name == "slow-stream":
+                self.slow_stream_s = float(arg)
             elif name == "hold-load":
                 self.hold_load_path = arg
             else:
@@ -77,6 +84,12 @@ class Faults:
             self.marked.add(request_id)
         if self.engine_raise_at_token is not None and prompt and FAULT_ENGINE_MARKER in prompt:
             self.engine_marked.add(request_id)
+        if self.slow_stream_s is not None and prompt and FAULT_SLOW_MARKER in prompt:
+            self.slow.add(request_id)
+
+    async def delay(self, request_id: str) -> None:
+        if request_id in self.slow:
+            await asyncio.sleep(self.slow_stream_s)
 
     def check_output(self, request_id: str, output) -> None:
         if request_id in self.marked and any(len(c.token_ids) >= self.raise_at_token for c in output.outputs):
@@ -90,6 +103,7 @@ class Faults:
     def forget(self, request_id: str) -> None:
         self.marked.discard(request_id)
         self.engine_marked.discard(request_id)
+        self.slow.discard(request_id)
 
 
 class Worker:
@@ -135,6 +149,7 @@ class Worker:
             async with aclosing(outputs):  # leaving early (abort, failure) aborts it in the engine
                 async for output in outputs:
                     self.faults.check_output(request_id, output)
+                    await self.faults.delay(request_id)
                     self.send(encoder.encode(output))
         except asyncio.CancelledError:
             pass  # aborted by the HTTP side

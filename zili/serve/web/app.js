@@ -11,6 +11,14 @@ function headers() {
   return h;
 }
 
+// The chat request; an empty max-tokens field lets the server use the room left in the context.
+function request() {
+  const body = { model: state.model, messages: state.messages, stream: true, stream_options: { include_usage: true },
+                 temperature: Number($("temperature").value) };
+  if ($("max-tokens").value) body.max_tokens = Number($("max-tokens").value);
+  return body;
+}
+
 function addMessage(role, text) {
   const div = document.createElement("div");
   div.className = "message " + role;
@@ -82,10 +90,7 @@ async function send() {
   try {
     const response = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(), signal: state.controller.signal,
-      body: JSON.stringify({
-        model: state.model, messages: state.messages, stream: true, stream_options: { include_usage: true },
-        temperature: Number($("temperature").value), max_tokens: Number($("max-tokens").value),
-      }),
+      body: JSON.stringify(request()),
     });
     if (!response.ok) {
       const error = await response.json().catch(() => ({ error: { message: response.statusText } }));
