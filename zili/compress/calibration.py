@@ -64,9 +64,14 @@ class LayerwiseRunner:
         device = inner.embed_tokens.weight.device
         dtype = inner.embed_tokens.weight.dtype
         self.attn = FullSequenceAttention()
+        self.rotary_emb, self.device, self.dtype = inner.rotary_emb, device, dtype
         with torch.no_grad():
             self.hidden = [inner.embed_tokens(w.to(device)) for w in windows]          # (T, hidden) each
-            self.rotary = [inner.rotary_emb.cos_sin(torch.arange(len(w), device=device), dtype) for w in windows]
+            self.rotary = [self.rotary_for(len(w)) for w in windows]
+
+    def rotary_for(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) for positions 0..num_tokens-1, the positions of every window."""
+        return self.rotary_emb.cos_sin(torch.arange(num_tokens, device=self.device), self.dtype)
 
     @property
     def num_tokens(self) -> int:

@@ -9,7 +9,6 @@ straight into the output dict: no dequantized copy of the model is ever held.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,21 +57,18 @@ def _checkpoint_dtype(config: ModelConfig) -> torch.dtype:
         return torch.float32
 
 
-class _RowSampler:
-    """Keeps a seeded random subset of each captured input's rows (AWQ's search budget)."""
+class _WindowSampler:
+    """Keeps each captured input's first calibration windows, up to `max_tokens` tokens in all
+    (at least one window): AWQ's search budget. Whole windows, so attention can run on them."""
 
-    def __init__(self, rows_per_window: int, seed: int):
-        self.rows_per_window = rows_per_window
-        self.generator = torch.Generator().manual_seed(seed)
-        self.rows: dict[str, list[torch.Tensor]] = {}
+    def __init__(self, max_tokens: int):
+        self.max_tokens = max_tokens
+        self.windows: dict[str, list[torch.Tensor]] = {}
 
     def add(self, name: str, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1])
-        keep = torch.randperm(x.shape[0], generator=self.generator)[: self.rows_per_window]
-        self.rows.setdefault(name, []).append(x[keep.to(x.device)].float().cpu())
-
-    def inputs(self) -> dict[str, torch.Tensor]:
-        return {name: torch.cat(rows) for name, rows in self.rows.items()}
+        kept = self.windows.setdefault(name, [])
+        if not kept or sum(w.shape[0] for w in kept) + x.shape[0] <= self.max_tokens:
+            kept.append(x.detach().clone())   # (T, in_features)
 
 
 class _Quantizer:
@@ -88,10 +84,10 @@ class _Quantizer:
             self.runner.capture(layer, linears, lambda name, x: hessians[name].add(x.cpu()))
             return self._gptq(linears, hessians)
         if self.options.method == "awq":
-            sampler = self._sampler()
+            sampler = _WindowSampler(self.options.awq_max_tokens)
             self.runner.capture(layer, linears, sampler.add)
-            awq.apply_awq(awq.decoder_layer_groups(layer), sampler.inputs(), self.scheme, self.options.awq_grid,
-                          self.scale_dtype)
+            awq.apply_awq(awq.decoder_layer_groups(layer, self.runner.rotary_for), sampler.windows, self.scheme,
+                          self.options.awq_grid, self.scale_dtype)
         return self._rtn(linears)
 
     def lm_head(self, model: nn.Module) -> dict[str, QuantizedWeight]:
@@ -102,16 +98,12 @@ class _Quantizer:
                 hessian.add(h.cpu())
             return self._gptq(linears, {"lm_head": hessian})
         if self.options.method == "awq":
-            sampler = self._sampler()
+            sampler = _WindowSampler(self.options.awq_max_tokens)
             for h in self.runner.final_hidden():
                 sampler.add("lm_head", h)
             group = awq.ScaleGroup("lm_head", [model.lm_head], awq.fold_into_norm(model.model.norm))
-            awq.apply_awq([group], sampler.inputs(), self.scheme, self.options.awq_grid, self.scale_dtype, ())
+            awq.apply_awq([group], sampler.windows, self.scheme, self.options.awq_grid, self.scale_dtype)
         return self._rtn(linears)
-
-    def _sampler(self) -> _RowSampler:
-        per_window = math.ceil(self.options.awq_max_tokens / len(self.runner.hidden))
-        return _RowSampler(per_window, self.options.seed)
 
     def _rtn(self, linears: dict[str, Linear]) -> dict[str, QuantizedWeight]:
         return {name: rtn_quantize(lin.weight.data.cpu(), self.scheme, self.scale_dtype)
