@@ -25,6 +25,7 @@ from zili.serve.engine_client import EngineClient
 from zili.serve.errors import CatchAllMiddleware, install_error_handlers
 from zili.serve.limits import BodyLimitMiddleware
 from zili.serve.metrics import RequestCounterMiddleware
+from zili.serve.protocol import ErrorEnvelope
 from zili.serve.security import LOOPBACK_NAMES, APIKeyMiddleware, OriginHostMiddleware
 from zili.serve.settings import ServeSettings
 from zili.serve.state import ServerState
@@ -38,6 +39,39 @@ class Hooks:
 
     on_ready: Callable[[], None] = lambda: None
     on_fatal: Callable[[str], None] = lambda message: None
+
+
+ERROR_STATUSES = {"400": "Invalid request (validation, context length, template)", "401": "Missing or bad API key",
+                  "403": "Origin not allowed", "404": "Unknown route or model", "405": "Method not allowed",
+                  "413": "Body too large", "415": "Unsupported Content-Encoding", "431": "Too many headers",
+                  "500": "Internal error", "503": "Loading, at capacity or shutting down (see Retry-After)"}
+STREAMING_PATHS = ("/v1/completions", "/v1/chat/completions")
+
+
+def _openapi_document(app: FastAPI) -> dict:
+    """FastAPI's document, corrected: errors are 400 (never 422) in the one envelope, and the
+    generation routes also answer text/event-stream."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        schemas = document.setdefault("components", {}).setdefault("schemas", {})
+        schemas.update(ErrorEnvelope.model_json_schema(ref_template="#/components/schemas/{model}").pop("$defs"))
+        schemas["ErrorEnvelope"] = ErrorEnvelope.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas["ErrorEnvelope"].pop("$defs", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorEnvelope"}}}}
+        for path, operations in document.get("paths", {}).items():
+            for operation in operations.values():
+                responses = operation.setdefault("responses", {})
+                responses.pop("422", None)
+                for status, description in ERROR_STATUSES.items():
+                    responses[status] = {"description": description, **error}
+                if path in STREAMING_PATHS:
+                    responses["200"].setdefault("content", {})["text/event-stream"] = {"schema": {"type": "string"}}
+        app.openapi_schema = document
+    return app.openapi_schema
 
 
 def _allowed_hosts(settings: ServeSettings) -> list[str] | None:
@@ -75,6 +109,7 @@ def create_app(settings: ServeSettings, client: EngineClient, tokenizer: Tokeniz
     app = FastAPI(title="zili", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="OpenAI-compatible API of a zili server")
     app.state.zili = state
+    app.openapi = lambda: _openapi_document(app)
     install_error_handlers(app)
     for module in (openai_completions, openai_chat, routes):
         app.include_router(module.router)

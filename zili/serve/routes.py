@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from zili.serve.errors import APIError
@@ -59,7 +59,7 @@ async def get_model(model_id: str, request: Request):
     return {"id": model_id, "object": "model", "created": int(STARTED), "owned_by": "zili"}
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(request: Request):
     state = get_state(request)
     snapshot = {}
@@ -100,18 +100,18 @@ async def detokenize(body: DetokenizeRequest, request: Request):
     return {"prompt": await asyncio.to_thread(state.tokenizer.decode, body.tokens)}
 
 
-@router.get("/")
+@router.get("/", response_class=HTMLResponse)
 async def page():
     return FileResponse(WEB_DIR / "index.html", media_type="text/html", headers=PAGE_HEADERS)
 
 
-@router.get("/static/{name}")
+@router.get("/static/{name}", include_in_schema=False)
 async def static_file(name: str):
     if name not in STATIC_FILES:
         raise APIError(404, "no such file", code="route_not_found")
     return FileResponse(WEB_DIR / name, media_type=STATIC_FILES[name], headers=PAGE_HEADERS)
 
 
-@router.get("/favicon.ico")
+@router.get("/favicon.ico", include_in_schema=False)
 async def favicon():
     return Response(status_code=204)
