@@ -7,6 +7,7 @@ x: (..., in_features) -> (..., out_features). No dequantized copy of the weight 
 - `ReferenceKernel`: dequantize-then-matmul. Runs on every device; the test oracle and fallback.
 - `CpuInt8Kernel`: torch.ops.aten._weight_int8pack_mm (int8 weight, per-output-channel scale).
 - `CpuInt4Kernel`: torch.ops.aten._weight_int4pack_mm_for_cpu (groups of 32/64/128/256).
+- `CpuVnniInt8Kernel`, `CpuVnniInt4Kernel` (zili.kernels.quant_kernels): zili's AVX512-VNNI kernels.
 
 PyTorch's CPU kernels are fast only with bf16 activations (fp32 inputs take a slow generic
 path, 10-100x slower at prefill sizes), so on the CPU they compute in bf16 and cast back.
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zili.kernels.quant_kernels import CpuVnniInt4Kernel, CpuVnniInt8Kernel
 from zili.layers.quantized.weight import QuantizedWeight
 
 CPU_INT4_GROUP_SIZES = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts, largest first
@@ -149,8 +151,9 @@ class CpuInt4Kernel(nn.Module):
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
 
-# Preference order; the first kernel that supports a weight on a device wins.
-KERNELS: list[type[nn.Module]] = [CpuInt4Kernel, CpuInt8Kernel]
+# Preference order; the first kernel that supports a weight on a device wins. zili's VNNI kernels
+# (zili/kernels, used when their C++ extension builds on this CPU) come before PyTorch's.
+KERNELS: list[type[nn.Module]] = [CpuVnniInt4Kernel, CpuVnniInt8Kernel, CpuInt4Kernel, CpuInt8Kernel]
 KERNELS_BY_NAME = {k.name: k for k in [*KERNELS, ReferenceKernel]}
 
 

@@ -1,0 +1,210 @@
+"""zili's CPU kernels (zili/kernels) against PyTorch's, per layer and for a whole decode.
+
+1. Per-layer GEMV at M=1 on the benchmark model's shapes: GB/s of weights read per second for
+   torch bf16 F.linear, zili bf16, torch _weight_int8pack_mm, zili int8, torch
+   _weight_int4pack_mm_for_cpu, zili int4 (group 128), next to the streaming-read bandwidth of a
+   buffer as large as the weights cycled through. Each variant cycles through enough copies of
+   the layer to fill that buffer, so the weights come from DRAM as in a real decode step.
+2. Rows sweep (gate_up shape): time per call at M = 1..32 for each path, the crossover that sets
+   zili.kernels.cpu_ext.MAX_KERNEL_ROWS.
+3. Whole-model batch-1 decode tok/s (benchmarks/offline_zili.py) with and without the kernels
+   (ZILI_CPU_KERNELS=0), bf16 and, where benchmarks/work/quantized/ has them, int8 / int4.
+
+    python benchmarks/kernels_bench.py [--threads 2] [--reps 5] [--parts layers,rows,model]
+
+Timings are medians; the load average is reported because the machine may be shared.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from bandwidth import read_bandwidth
+from common import MODEL_DIR, QUANT_DIR, REPO_DIR, RESULTS_DIR, emit, log, median, safetensors_bytes_per_token
+
+sys.path.insert(0, str(REPO_DIR))
+from zili.kernels import cpu_ext  # noqa: E402
+from zili.kernels.quant_kernels import CpuVnniInt4Kernel, CpuVnniInt8Kernel  # noqa: E402
+from zili.layers.quantized.weight import QuantizedWeight  # noqa: E402
+
+# name -> (K = in_features, N = out_features) of the benchmark model (hidden 896, intermediate 4864)
+SHAPES = {"qkv": (896, 1152), "o_proj": (896, 896), "gate_up": (896, 9728), "down": (4864, 896),
+          "lm_head": (896, 32000)}
+GROUP = 128
+
+
+def quantized(weight: torch.Tensor, bits: int, group: int) -> QuantizedWeight:
+    """Symmetric round-to-nearest quantization of a float (N, K) weight."""
+    n, k = weight.shape
+    w = weight.float().view(n, k // group, group)
+    half = 1 << (bits - 1)
+    scales = w.abs().amax(-1).clamp_min(1e-8) / (half - 1)
+    codes = (torch.round(w / scales[..., None]) + half).clamp(0, 2 * half - 1).to(torch.uint8).view(n, k)
+    return QuantizedWeight(codes, scales, torch.full_like(codes[:, :k // group], half), bits, group)
+
+
+def variants(weight: torch.Tensor) -> dict:
+    """name -> (weight bytes, state, call(x, state)); x is bf16 (M, K), as in a bf16 decode."""
+    n, k = weight.shape
+    q8, q4 = quantized(weight, 8, k), quantized(weight, 4, GROUP)
+    int8 = (q8.codes.to(torch.int16) - 128).to(torch.int8)
+    int4_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4.codes.to(torch.int32), 2)
+    offsets = (8 - q4.zeros.float()) * q4.scales
+    int4_sz = torch.stack([q4.scales, offsets], -1).transpose(0, 1).bfloat16().contiguous()
+    z8, z4 = CpuVnniInt8Kernel(q8), CpuVnniInt4Kernel(q4)
+    scale_bytes = lambda q: q.scales.numel() * 4  # noqa: E731
+    return {
+        "torch-bf16": (2 * n * k, weight, lambda x, w: F.linear(x, w)),
+        "zili-bf16": (2 * n * k, weight, lambda x, w: cpu_ext.linear_bf16(x, w)),
+        "torch-int8": (n * k + 2 * n, (int8, q8.scales.view(-1).bfloat16()),
+                       lambda x, s: torch.ops.aten._weight_int8pack_mm(x, *s)),
+        "zili-int8": (n * k + 2 * scale_bytes(q8), z8, lambda x, z: z.kernel_matmul(x)),
+        "torch-int4": (n * k // 2 + int4_sz.numel() * 2, (int4_packed, int4_sz),
+                       lambda x, s: torch.ops.aten._weight_int4pack_mm_for_cpu(x, s[0], GROUP, s[1])),
+        "zili-int4": (n * k // 2 + 2 * scale_bytes(q4), z4, lambda x, z: z.kernel_matmul(x)),
+        "zili-int4-dequant": (n * k // 2 + 2 * scale_bytes(q4), z4, lambda x, z: z.dequantized_matmul(x)),
+    }
+
+
+def copies_of(state, count: int) -> list:
+    """`count` independent copies (the same values, separate memory) of a weight state."""
+    def clone(s):
+        if isinstance(s, torch.Tensor):
+            return s.clone()
+        if isinstance(s, tuple):
+            return tuple(clone(t) for t in s)
+        copy = type(s).__new__(type(s))
+        copy.__dict__.update(s.__dict__)
+        copy._buffers = {name: None if b is None else b.clone() for name, b in s._buffers.items()}
+        return copy
+    return [state] + [clone(state) for _ in range(count - 1)]
+
+
+def seconds_per_call(call, states: list, x: torch.Tensor, reps: int) -> float:
+    for state in states:  # warm-up pass
+        call(x, state)
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        for state in states:
+            call(x, state)
+        samples.append((time.perf_counter() - start) / len(states))
+    return median(samples)
+
+
+def layer_table(target_bytes: int, reps: int, names: list[str]) -> list[dict]:
+    rows = []
+    for layer, (k, n) in SHAPES.items():
+        weight = (torch.randn(n, k) * 0.02).bfloat16()
+        x = torch.randn(1, k).bfloat16()
+        for name, (nbytes, state, call) in variants(weight).items():
+            if name not in names:
+                continue
+            states = copies_of(state, max(1, math.ceil(target_bytes / nbytes)))
+            seconds = seconds_per_call(call, states, x, reps)
+            rows.append({"layer": layer, "K": k, "N": n, "variant": name, "bytes": nbytes,
+                         "us": seconds * 1e6, "gbps": nbytes / seconds / 1e9})
+            log(f"{layer:8s} {name:18s} {seconds * 1e6:9.1f} us {nbytes / seconds / 1e9:6.1f} GB/s")
+            del states
+    return rows
+
+
+def rows_sweep(target_bytes: int, reps: int, ms: list[int], names: list[str]) -> list[dict]:
+    k, n = SHAPES["gate_up"]
+    weight = (torch.randn(n, k) * 0.02).bfloat16()
+    results = []
+    for name, (nbytes, state, call) in variants(weight).items():
+        if name not in names:
+            continue
+        states = copies_of(state, max(1, math.ceil(target_bytes / nbytes)))
+        for m in ms:
+            seconds = seconds_per_call(call, states, torch.randn(m, k).bfloat16(), reps)
+            results.append({"variant": name, "M": m, "us": seconds * 1e6})
+            log(f"gate_up M={m:3d} {name:18s} {seconds * 1e6:9.1f} us")
+        del states
+    return results
+
+
+def decode_tok_s(folder, kernels: bool, threads: int, reps: int, tokens: int) -> dict:
+    env = dict(os.environ, ZILI_CPU_KERNELS="1" if kernels else "0")
+    command = [sys.executable, str(REPO_DIR / "benchmarks" / "offline_zili.py"), "--model", str(folder),
+               "--figures", "decode", "--threads", str(threads), "--reps", str(reps),
+               "--decode-tokens", str(tokens)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO_DIR, timeout=3600)
+    if done.returncode:
+        raise RuntimeError(f"offline_zili.py failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def model_table(threads: int, reps: int, tokens: int, precisions: list[str]) -> list[dict]:
+    folders = {"bf16": MODEL_DIR, "int8": QUANT_DIR / "int8", "int4": QUANT_DIR / "int4"}
+    rows = []
+    for precision in precisions:
+        folder = folders[precision]
+        if not (folder / "config.json").exists():
+            log(f"skip {precision}: no checkpoint at {folder} (benchmarks/make_checkpoint.py, zili quantize)")
+            continue
+        weight_bytes = safetensors_bytes_per_token(folder)
+        bandwidth = read_bandwidth(weight_bytes, threads, 5)["best_gbps"]
+        for kernels in (False, True):  # interleaved with a fresh bandwidth probe per precision
+            result = decode_tok_s(folder, kernels, threads, reps, tokens)
+            tok_s = result["decode_tok_s"]
+            row = {"precision": precision, "zili_kernels": kernels, "decode_tok_s": tok_s,
+                   "samples": result["decode_samples"], "weight_bytes": weight_bytes,
+                   "bandwidth_gbps": bandwidth, "bound_tok_s": bandwidth * 1e9 / weight_bytes,
+                   "pct_of_bound": 100 * tok_s * weight_bytes / (bandwidth * 1e9)}
+            rows.append(row)
+            log(f"decode {precision} kernels={kernels}: {tok_s:.1f} tok/s "
+                f"({row['pct_of_bound']:.0f}% of {row['bound_tok_s']:.1f} tok/s bound)")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--parts", default="layers,rows,model")
+    parser.add_argument("--variants", default="torch-bf16,zili-bf16,torch-int8,zili-int8,torch-int4,zili-int4")
+    parser.add_argument("--target-bytes", type=int, default=0,
+                        help="weights cycled through per layer measurement (default: the bf16 model's)")
+    parser.add_argument("--rows", default="1,2,4,8,12,16,24,32", help="M values of the rows sweep")
+    parser.add_argument("--precisions", default="bf16,int8,int4")
+    parser.add_argument("--model-reps", type=int, default=3)
+    parser.add_argument("--decode-tokens", type=int, default=128)
+    args = parser.parse_args(argv)
+    parts = set(args.parts.split(","))
+    torch.set_num_threads(args.threads)
+    if not cpu_ext.available():
+        log("zili CPU kernels unavailable on this machine; nothing to compare")
+        return 1
+    target = args.target_bytes or (safetensors_bytes_per_token(MODEL_DIR) if MODEL_DIR.exists() else 774_000_000)
+    result: dict = {"threads": args.threads, "load_average_at_start": os.getloadavg(), "target_bytes": target}
+    names = args.variants.split(",")
+    bandwidth = read_bandwidth(target, args.threads, args.reps)
+    result["bandwidth"] = bandwidth
+    log(f"read bandwidth over {target / 1e6:.0f} MB: best {bandwidth['best_gbps']:.1f} GB/s, "
+        f"median {bandwidth['median_gbps']:.1f}")
+    if "layers" in parts:
+        result["layers"] = layer_table(target, args.reps, names)
+    if "rows" in parts:
+        sweep_names = names + ["zili-int4-dequant"]
+        result["rows"] = rows_sweep(target, args.reps, [int(m) for m in args.rows.split(",")], sweep_names)
+    if "model" in parts:
+        result["model"] = model_table(args.threads, args.model_reps, args.decode_tokens, args.precisions.split(","))
+    result["load_average_at_end"] = os.getloadavg()
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / "kernels.json").write_text(json.dumps(result, indent=1))
+    emit(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

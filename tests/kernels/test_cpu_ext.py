@@ -1,0 +1,56 @@
+"""Building / loading the extension, the ZILI_CPU_KERNELS switch and the rows dispatch rule."""
+
+import logging
+
+import pytest
+
+from zili.kernels import cpu_ext
+
+
+def test_rows_dispatch_rule(cpu_kernels):
+    for kind, limit in cpu_ext.MAX_KERNEL_ROWS.items():
+        assert cpu_ext.use_kernel(kind, 1) and cpu_ext.use_kernel(kind, limit)
+        assert not cpu_ext.use_kernel(kind, limit + 1)  # prefill-sized inputs go to PyTorch
+        assert not cpu_ext.use_kernel(kind, 0)
+
+
+def test_environment_switch_turns_the_kernels_off(cpu_kernels, monkeypatch):
+    monkeypatch.setenv("ZILI_CPU_KERNELS", "0")
+    assert not cpu_ext.available() and not cpu_ext.use_kernel("bf16", 1)
+    monkeypatch.setenv("ZILI_CPU_KERNELS", "1")
+    assert cpu_ext.available()
+
+
+@pytest.fixture
+def fresh_load():
+    """Forget the cached load result before and after (a later load finds the cached build)."""
+    cpu_ext._loaded.cache_clear()
+    yield
+    cpu_ext._loaded.cache_clear()
+
+
+def test_build_failure_logs_one_warning_and_falls_back(fresh_load, monkeypatch, caplog):
+    monkeypatch.delenv("ZILI_CPU_KERNELS", raising=False)
+    monkeypatch.setattr(cpu_ext, "missing_cpu_flags", lambda: [])
+
+    def broken_build():
+        raise RuntimeError("Error building extension 'zili_cpu_kernels'\nmore compiler output")
+
+    monkeypatch.setattr(cpu_ext, "_build", broken_build)
+    with caplog.at_level(logging.WARNING, logger=cpu_ext.__name__):
+        assert not cpu_ext.available()
+        assert not cpu_ext.available()  # the failure is remembered: one warning, no second build
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "RuntimeError: Error building extension" in warnings[0].getMessage()
+    assert "more compiler output" not in warnings[0].getMessage()
+
+
+def test_cpu_without_the_instructions_builds_nothing(fresh_load, monkeypatch):
+    monkeypatch.delenv("ZILI_CPU_KERNELS", raising=False)
+    monkeypatch.setattr(cpu_ext, "cpu_flags", lambda: {"avx2", "avx512f"})
+    built = []
+    monkeypatch.setattr(cpu_ext, "_build", lambda: built.append(True))
+    assert not cpu_ext.available()
+    assert built == []
+    assert "avx512_bf16" in cpu_ext.missing_cpu_flags()

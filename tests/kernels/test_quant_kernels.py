@@ -1,0 +1,155 @@
+"""zili's VNNI int8 / int4 kernels (quant_kernels.py, cpu/gemv_quant.cpp) against dequantize-then-matmul.
+
+The only approximation is the int8 quantization of activations per block of B = 128 inputs (64
+when the weight group is not a multiple of 128): |x - scale_b * q| <= scale_b / 2 = amax_b / 254.
+So for every output, |y - x @ W.T| <= sum_b amax_b / 254 * sum_{k in b} |W[n, k]|, plus fp32
+rounding (1e-5 of sum |x| |W|). Activations already on each block's int8 grid make the kernel exact.
+"""
+
+import pytest
+import torch
+
+from zili.kernels.quant_kernels import CpuVnniInt4Kernel, CpuVnniInt8Kernel, pack_int4, unpack_int4
+from zili.layers.quantized import QuantLinear, select_kernel
+from zili.layers.quantized.weight import QuantizedWeight
+
+KERNELS = {8: CpuVnniInt8Kernel, 4: CpuVnniInt4Kernel}
+
+
+def random_weight(bits, n, k, group, symmetric=True, permuted=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    groups = k // group
+    codes = torch.randint(0, 1 << bits, (n, k), generator=g).to(torch.uint8)
+    scales = torch.rand(n, groups, generator=g) * 0.02 + 0.001
+    zeros = (torch.full((n, groups), 1 << (bits - 1), dtype=torch.uint8) if symmetric
+             else torch.randint(0, 1 << bits, (n, groups), generator=g).to(torch.uint8))
+    perm = torch.randperm(k, generator=g) if permuted else None
+    return QuantizedWeight(codes, scales, zeros, bits, group, perm)
+
+
+def activation_block(group):
+    return 128 if group % 128 == 0 else 64
+
+
+def error_bound(x, weight):
+    """(M, N) worst-case error of int8 activations per block, for x in the weight's column order."""
+    w = weight.dequantize(torch.float64)
+    block = activation_block(weight.group_size)
+    m, k = x.shape
+    amax = x.double().view(m, k // block, block).abs().amax(-1)                 # (M, blocks)
+    w_abs = w.abs().view(w.shape[0], k // block, block).sum(-1)                 # (N, blocks)
+    return amax / 254 @ w_abs.t() + 1e-5 * (x.double().abs() @ w.abs().t())
+
+
+def reference(x, weight):
+    return x.double() @ weight.dense(torch.float64).t()
+
+
+CASES = [  # bits, N, K, group, symmetric, permuted
+    (8, 40, 256, 256, True, False),    # per channel
+    (8, 33, 192, 64, False, False),    # asymmetric, N not a multiple of the tile
+    (8, 64, 896, 128, True, True),     # act-order permutation
+    (4, 48, 256, 128, True, False),
+    (4, 17, 192, 64, False, False),    # K = 192: the last packed chunk is half padding
+    (4, 96, 896, 128, False, True),
+    (4, 16, 384, 384, True, False),    # per channel, activation blocks of 128
+]
+
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("bits,n,k,group,symmetric,permuted", CASES)
+def test_kernel_is_within_the_activation_quantization_bound(cpu_kernels, m, bits, n, k, group, symmetric, permuted):
+    weight = random_weight(bits, n, k, group, symmetric, permuted)
+    kernel = KERNELS[bits](weight)
+    x = torch.randn(m, k)
+    x[:, 5] *= 20  # an outlier feature: block scales keep the other blocks accurate
+    y = kernel(x)
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    x_kernel_order = x if weight.perm is None else x[:, weight.perm]
+    error = (y.double() - reference(x, weight)).abs()
+    bound = error_bound(x_kernel_order, weight)
+    assert (error <= bound).all(), f"max error/bound {(error / bound).max():.3g}"
+
+
+@pytest.mark.parametrize("bits,n,k,group,symmetric,permuted", CASES)
+def test_typical_relative_error_is_about_one_percent(cpu_kernels, bits, n, k, group, symmetric, permuted):
+    weight = random_weight(bits, n, k, group, symmetric, permuted)
+    x = torch.randn(8, k)
+    expected = reference(x, weight)
+    relative = (KERNELS[bits](weight)(x).double() - expected).norm() / expected.norm()
+    assert relative < 1e-2  # ~ the int8 step of Gaussian activations, far below the worst case
+
+
+@pytest.mark.parametrize("bits,n,k,group,symmetric,permuted", CASES)
+def test_activations_on_the_int8_grid_are_exact(cpu_kernels, bits, n, k, group, symmetric, permuted):
+    weight = random_weight(bits, n, k, group, symmetric, permuted)
+    block = activation_block(group)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(-127, 128, (3, k), generator=g).float()
+    q[:, ::block] = 127                                     # amax of every block is 127 * its scale
+    block_scales = 2.0 ** torch.randint(-3, 3, (3, k // block), generator=g).float()  # exact in fp32
+    x = q * block_scales.repeat_interleave(block, 1)
+    if weight.perm is not None:  # the grid is defined in the kernel's (permuted) column order
+        x = x[:, torch.argsort(weight.perm)]
+    y = KERNELS[bits](weight)(x)
+    magnitude = x.double().abs() @ weight.dense(torch.float64).abs().t()
+    assert ((y.double() - reference(x, weight)).abs() <= 1e-6 * magnitude).all()  # fp32 rounding only
+
+
+def test_bf16_activations_give_bf16_outputs(cpu_kernels):
+    weight = random_weight(4, 32, 256, 128)
+    x = torch.randn(2, 256).bfloat16()
+    y = CpuVnniInt4Kernel(weight)(x.view(1, 2, 256))
+    assert y.shape == (1, 2, 32) and y.dtype == torch.bfloat16
+    error = (y.view(2, 32).double() - reference(x, weight)).abs()
+    assert (error <= error_bound(x.float(), weight) + 2.0**-8 * reference(x, weight).abs()).all()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_large_inputs_take_the_dequantized_path(cpu_kernels, monkeypatch, bits):
+    weight = random_weight(bits, 40, 192, 64, symmetric=False, permuted=True)
+    kernel = KERNELS[bits](weight)
+    monkeypatch.setattr("zili.kernels.quant_kernels.DEQUANT_SLICE_ELEMENTS", 192 * 16)  # 3 slices of 16 rows
+    m = cpu_kernels.MAX_KERNEL_ROWS["quant"] + 1
+    x = torch.randn(m, 192)
+    torch.testing.assert_close(kernel(x).double(), reference(x, weight), rtol=1e-5, atol=1e-5)
+
+
+def test_bias_in_the_op(cpu_kernels):
+    weight = random_weight(8, 24, 128, 64)
+    kernel = CpuVnniInt8Kernel(weight)
+    x, bias = torch.randn(2, 128), torch.randn(24)
+    with_bias = cpu_kernels.linear_quant(x, kernel.weight, kernel.scales, kernel.zero_scales, 8, 64, bias)
+    torch.testing.assert_close(with_bias, kernel(x) + bias, rtol=0, atol=1e-6)
+    with_bias = cpu_kernels.linear_quant(x, kernel.weight, kernel.scales, kernel.zero_scales, 8, 64, bias.bfloat16())
+    torch.testing.assert_close(with_bias, kernel(x) + bias.bfloat16().float(), rtol=0, atol=1e-6)
+
+
+def test_int4_packing_round_trip_and_memory():
+    codes = torch.randint(0, 16, (5, 192), dtype=torch.uint8)
+    packed = pack_int4(codes)
+    assert packed.shape == (5, 128)   # K padded to 256, two codes per byte
+    assert torch.equal(unpack_int4(packed, 192), codes)
+    assert packed[0, 0] == codes[0, 0] | (codes[0, 64] << 4)  # byte j: inputs j and j + 64 of its chunk
+    kernel_bytes = sum(b.numel() * b.element_size() for b in CpuVnniInt4Kernel(random_weight(4, 64, 256, 128)).buffers())
+    assert kernel_bytes < 64 * 256  # under one byte per weight: no dense copy
+
+
+def test_kernel_choice(cpu_kernels, monkeypatch):
+    monkeypatch.delenv("ZILI_QUANT_KERNEL", raising=False)
+    assert select_kernel(random_weight(4, 32, 256, 128), "cpu").name == "cpu-vnni-int4"
+    assert select_kernel(random_weight(8, 32, 256, 64, symmetric=False), "cpu").name == "cpu-vnni-int8"
+    assert select_kernel(random_weight(4, 32, 64, 32), "cpu").name == "cpu-int4"   # groups of 32: PyTorch's
+    assert not CpuVnniInt4Kernel.supports(random_weight(4, 32, 256, 128), torch.device("meta"))
+    monkeypatch.setenv("ZILI_CPU_KERNELS", "0")
+    assert select_kernel(random_weight(4, 32, 256, 128), "cpu").name == "cpu-int4"
+
+
+def test_quant_linear_with_the_kernel(cpu_kernels):
+    weight = random_weight(4, 48, 128, 64, symmetric=False)
+    bias = torch.randn(48)
+    layer = QuantLinear.from_weight(weight, [32, 16], bias, torch.float32)
+    assert layer.kernel.name == "cpu-vnni-int4"
+    x = torch.randn(3, 128)
+    error = (layer(x).double() - reference(x, weight) - bias.double()).abs()
+    assert (error <= error_bound(x, weight) + 1e-6).all()

@@ -1,0 +1,193 @@
+// int8 / int4 weight x int8 activation GEMV / small GEMM with AVX512-VNNI (vpdpbusd).
+//
+// Activations are quantized per block of 64 or 128 inputs: x ~= scale_b * q, q in [-127, 127].
+// Weights keep their unsigned codes (0..255 or 0..15), so vpdpbusd multiplies u8 codes by s8
+// activations exactly in int32, and the zero point comes out as one correction per group:
+//   y[m, n] = sum_g s[n, g] * (sum_{b in g} scale_b * sum_k codes * q  -  z[n, g] * sum_{b in g} scale_b * sum_k q)
+//           = sum_b s[n, g(b)] * scale_b * isum_b  -  sum_g zero_scales[n, g] * group_terms[m, g].
+// The int32 block sums are converted to fp32 once per activation block.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "kernels.h"
+
+namespace zili_cpu {
+namespace {
+
+inline __m512 load16_as_float(const void* x, bool is_bf16, int64_t i) {
+  if (is_bf16) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(x) + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  return _mm512_loadu_ps(static_cast<const float*>(x) + i);
+}
+
+float dot(const float* a, const float* b, int64_t n) {
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = n - i >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - i)) - 1);
+    sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, a + i), _mm512_maskz_loadu_ps(mask, b + i), sum);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+// R rows of W x MB rows of x. CPB: 64-input chunks per activation block (1 or 2).
+template <int R, int MB, int CPB, int BITS>
+void quant_tile(const QuantizedRows& xq, int64_t K, const uint8_t* w, const float* scales,
+                const float* zero_scales, int64_t group_size, const Bias& bias, int64_t n0, void* out,
+                int64_t ldo, OutType out_type) {
+  const int64_t G = xq.num_groups;
+  const int64_t num_blocks = K / xq.block;
+  const int64_t blocks_per_group = group_size / xq.block;
+  const int64_t row_bytes = BITS == 8 ? K : xq.ld / 2;
+  __m512 acc[R][MB];
+  __m512i iacc[R][MB];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps(), iacc[r][m] = _mm512_setzero_si512();
+  const uint8_t* rows[R];
+  const float* row_scales[R];
+  for (int r = 0; r < R; ++r) rows[r] = w + (n0 + r) * row_bytes, row_scales[r] = scales + (n0 + r) * G;
+
+  int64_t block = 0, group = 0, block_in_group = 0;
+  auto flush = [&]() {  // int32 block sums -> fp32 accumulators, scaled by s[n, g] * scale_b
+    if (block < num_blocks) {
+      for (int m = 0; m < MB; ++m) {
+        const float x_scale = xq.scales[m * xq.scales_ld + block];
+        for (int r = 0; r < R; ++r) {
+          const __m512 s = _mm512_set1_ps(x_scale * row_scales[r][group]);
+          acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r][m]), s, acc[r][m]);
+          iacc[r][m] = _mm512_setzero_si512();
+        }
+      }
+    }
+    ++block;
+    if (++block_in_group == blocks_per_group) block_in_group = 0, ++group;
+  };
+  auto accumulate = [&](const __m512i (&wv)[R], int64_t k) {  // 64 inputs starting at k
+    for (int m = 0; m < MB; ++m) {
+      const __m512i xv = _mm512_loadu_si512(xq.codes + m * xq.ld + k);
+      for (int r = 0; r < R; ++r) iacc[r][m] = _mm512_dpbusd_epi32(iacc[r][m], wv[r], xv);
+    }
+  };
+
+  if (BITS == 8) {
+    for (int64_t k = 0; k < K; k += 64 * CPB) {
+      for (int c = 0; c < CPB; ++c) {
+        __m512i wv[R];
+        for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_si512(rows[r] + k + 64 * c);
+        accumulate(wv, k + 64 * c);
+      }
+      flush();
+    }
+  } else {
+    const __m512i low_nibbles = _mm512_set1_epi8(0x0f);
+    for (int64_t k = 0; k < xq.ld; k += 128) {  // 64 bytes = 128 inputs per row
+      __m512i lo[R], hi[R];
+      for (int r = 0; r < R; ++r) {
+        const __m512i v = _mm512_loadu_si512(rows[r] + k / 2);
+        lo[r] = _mm512_and_si512(v, low_nibbles);
+        hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low_nibbles);
+      }
+      accumulate(lo, k);
+      if (CPB == 1) flush();
+      accumulate(hi, k + 64);
+      flush();
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const float b = bias.at(n0 + r);
+    const float* row_zero_scales = zero_scales + (n0 + r) * G;
+    for (int m = 0; m < MB; ++m) {
+      const float zero_term = dot(row_zero_scales, xq.group_terms + m * G, G);
+      store(out, m * ldo + n0 + r, out_type, _mm512_reduce_add_ps(acc[r][m]) - zero_term + b);
+    }
+  }
+}
+
+template <int MB>
+constexpr int tile_rows() { return MB <= 2 ? 4 : MB <= 4 ? 2 : 1; }
+
+template <int MB, int CPB, int BITS>
+void quant_rows(const QuantizedRows& xq, int64_t K, const uint8_t* w, const float* scales,
+                const float* zero_scales, int64_t group_size, const Bias& bias, void* out, int64_t ldo,
+                OutType out_type, int64_t n_begin, int64_t n_end) {
+  constexpr int R = tile_rows<MB>();
+  int64_t n = n_begin;
+  for (; n + R <= n_end; n += R)
+    quant_tile<R, MB, CPB, BITS>(xq, K, w, scales, zero_scales, group_size, bias, n, out, ldo, out_type);
+  for (; n < n_end; ++n)
+    quant_tile<1, MB, CPB, BITS>(xq, K, w, scales, zero_scales, group_size, bias, n, out, ldo, out_type);
+}
+
+template <int CPB, int BITS>
+void quant_dispatch(const QuantizedRows& xq, int64_t M, int64_t K, const uint8_t* w, const float* scales,
+                    const float* zero_scales, int64_t group_size, const Bias& bias, void* out, int64_t ldo,
+                    OutType out_type, int64_t n_begin, int64_t n_end) {
+  for (int64_t m0 = 0; m0 < M; m0 += 8) {
+    QuantizedRows part = xq;
+    part.codes += m0 * xq.ld, part.scales += m0 * xq.scales_ld, part.group_terms += m0 * xq.num_groups;
+    char* o = static_cast<char*>(out) + m0 * ldo * (out_type == OutType::kBFloat16 ? 2 : 4);
+#define ZILI_ROWS(MB) quant_rows<MB, CPB, BITS>(part, K, w, scales, zero_scales, group_size, bias, o, ldo, \
+                                                 out_type, n_begin, n_end)
+    switch (std::min<int64_t>(8, M - m0)) {
+      case 1: ZILI_ROWS(1); break;
+      case 2: ZILI_ROWS(2); break;
+      case 3: ZILI_ROWS(3); break;
+      case 4: ZILI_ROWS(4); break;
+      case 5: ZILI_ROWS(5); break;
+      case 6: ZILI_ROWS(6); break;
+      case 7: ZILI_ROWS(7); break;
+      default: ZILI_ROWS(8); break;
+    }
+#undef ZILI_ROWS
+  }
+}
+
+}  // namespace
+
+void quantize_rows(const void* x, bool x_is_bf16, int64_t ldx, int64_t M, int64_t K, int64_t group_size,
+                   int64_t block, int8_t* codes, int64_t ld, float* scales, int64_t scales_ld,
+                   float* group_terms) {
+  const int64_t num_blocks = K / block, num_groups = K / group_size;
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t row = m * ldx;
+    int8_t* row_codes = codes + m * ld;
+    float* row_terms = group_terms + m * num_groups;
+    std::fill(row_terms, row_terms + num_groups, 0.0f);
+    for (int64_t b = 0; b < num_blocks; ++b) {
+      const int64_t k0 = row + b * block;
+      __m512 amax = _mm512_setzero_ps();
+      for (int64_t i = 0; i < block; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(load16_as_float(x, x_is_bf16, k0 + i)));
+      const float max_abs = _mm512_reduce_max_ps(amax);
+      const float scale = max_abs / 127.0f;
+      const __m512 inverse = _mm512_set1_ps(max_abs > 0.0f ? 127.0f / max_abs : 0.0f);
+      __m512i sum = _mm512_setzero_si512();
+      for (int64_t i = 0; i < block; i += 16) {
+        const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(load16_as_float(x, x_is_bf16, k0 + i), inverse));
+        sum = _mm512_add_epi32(sum, q);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(row_codes + b * block + i), _mm512_cvtsepi32_epi8(q));
+      }
+      scales[m * scales_ld + b] = scale;
+      row_terms[b * block / group_size] += scale * static_cast<float>(_mm512_reduce_add_epi32(sum));
+    }
+    std::fill(row_codes + K, row_codes + ld, 0);
+    std::fill(scales + m * scales_ld + num_blocks, scales + (m + 1) * scales_ld, 0.0f);
+  }
+}
+
+void gemv_quant(const QuantizedRows& xq, int64_t M, int64_t K, const uint8_t* w, int bits, const float* scales,
+                const float* zero_scales, int64_t group_size, Bias bias, void* out, int64_t ldo, OutType out_type,
+                int64_t n_begin, int64_t n_end) {
+  const bool two_chunks = xq.block == 128;
+  if (bits == 8) {
+    if (two_chunks) quant_dispatch<2, 8>(xq, M, K, w, scales, zero_scales, group_size, bias, out, ldo, out_type, n_begin, n_end);
+    else quant_dispatch<1, 8>(xq, M, K, w, scales, zero_scales, group_size, bias, out, ldo, out_type, n_begin, n_end);
+  } else {
+    if (two_chunks) quant_dispatch<2, 4>(xq, M, K, w, scales, zero_scales, group_size, bias, out, ldo, out_type, n_begin, n_end);
+    else quant_dispatch<1, 4>(xq, M, K, w, scales, zero_scales, group_size, bias, out, ldo, out_type, n_begin, n_end);
+  }
+}
+
+}  // namespace zili_cpu

@@ -1,0 +1,77 @@
+// Raw-pointer CPU kernels for small-M matmuls (decode): y (M, N) = x (M, K) @ W.T.
+//
+// Each function computes the output columns [n_begin, n_end) for all M rows of x, streaming
+// those rows of W once per group of up to 8 rows of x; the caller splits N across threads.
+// Requires AVX512F/BW/VL + AVX512-BF16 (bf16) or AVX512-VNNI (int8/int4).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace zili_cpu {
+
+inline float bf16_to_float(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// Output element types of the kernels: fp32 or bf16 (round to nearest even).
+enum class OutType { kFloat32, kBFloat16 };
+
+struct Bias {
+  const void* data = nullptr;  // (N,) fp32 or bf16, or nullptr
+  bool is_bf16 = false;
+  float at(int64_t n) const {
+    if (data == nullptr) return 0.0f;
+    return is_bf16 ? bf16_to_float(static_cast<const uint16_t*>(data)[n]) : static_cast<const float*>(data)[n];
+  }
+};
+
+inline void store(void* out, int64_t index, OutType type, float value) {
+  if (type == OutType::kBFloat16) {
+    static_cast<uint16_t*>(out)[index] = float_to_bf16(value);
+  } else {
+    static_cast<float*>(out)[index] = value;
+  }
+}
+
+// x: (M, K) bf16, row stride ldx; w: (N, K) bf16 row-major, any K (tail masked).
+void gemv_bf16(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, const uint16_t* w,
+               Bias bias, void* out, int64_t ldo, OutType out_type, int64_t n_begin, int64_t n_end);
+
+// Activations quantized to signed int8 per block of `block` (64 or 128) inputs, as the int kernels read them.
+struct QuantizedRows {
+  const int8_t* codes;       // (M, K_padded) x / scale rounded, zero past K
+  int64_t ld;                // K_padded
+  const float* scales;       // (M, num_blocks_padded) per-block scale, zero past K
+  int64_t scales_ld;
+  const float* group_terms;  // (M, G): sum over the group's blocks of scale * sum(codes)
+  int64_t num_groups;
+  int64_t block;             // 64 or 128 inputs per activation block; divides the weight group
+};
+
+// x (M, K) fp32 or bf16 -> int8 codes, block scales, group terms (buffers sized as QuantizedRows says).
+void quantize_rows(const void* x, bool x_is_bf16, int64_t ldx, int64_t M, int64_t K, int64_t group_size,
+                   int64_t block, int8_t* codes, int64_t ld, float* scales, int64_t scales_ld,
+                   float* group_terms);
+
+// Weight (N, K) of unsigned codes with group scales s and zero points z: W = (codes - z) * s.
+//   bits 8: codes (N, K) uint8 row-major.
+//   bits 4: (N, K_padded / 2) uint8; in every 128-input chunk, byte j holds input j in its low
+//           nibble and input j + 64 in its high nibble (K_padded = K rounded up to 128).
+// scales, zero_scales (= s * z): (N, G) fp32.
+void gemv_quant(const QuantizedRows& xq, int64_t M, int64_t K, const uint8_t* w, int bits,
+                const float* scales, const float* zero_scales, int64_t group_size, Bias bias,
+                void* out, int64_t ldo, OutType out_type, int64_t n_begin, int64_t n_end);
+
+}  // namespace zili_cpu

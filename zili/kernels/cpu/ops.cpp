@@ -1,0 +1,109 @@
+// torch.ops.zili_cpu.*: argument checks, output allocation and the split of N across threads
+// (at::parallel_for, OpenMP) around the raw kernels of kernels.h.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <optional>
+
+#include "kernels.h"
+
+namespace zili_cpu {
+namespace {
+
+constexpr int64_t kGrainRows = 32;  // smallest slice of N worth a thread
+
+Bias bias_of(const std::optional<at::Tensor>& bias, int64_t N) {
+  Bias result;
+  if (!bias.has_value()) return result;
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous(), "bias must be a contiguous (N,) tensor");
+  TORCH_CHECK(bias->scalar_type() == at::kFloat || bias->scalar_type() == at::kBFloat16, "bias must be fp32 or bf16");
+  result.data = bias->data_ptr();
+  result.is_bf16 = bias->scalar_type() == at::kBFloat16;
+  return result;
+}
+
+void check_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "x must be a 2-D CPU tensor (M, K)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be fp32 or bf16");
+}
+
+OutType out_type_of(const at::Tensor& out) {
+  return out.scalar_type() == at::kBFloat16 ? OutType::kBFloat16 : OutType::kFloat32;
+}
+
+// (M, K) @ (N, K).T with bf16 weights; fp32 x is rounded to bf16. Output in x's dtype.
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  check_rows(x);
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16 && weight.is_contiguous() &&
+              weight.device().is_cpu(), "weight must be a contiguous (N, K) bf16 CPU tensor");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  TORCH_CHECK(weight.size(1) == K, "x has ", K, " features, weight expects ", weight.size(1));
+  const at::Tensor xb = x.to(at::kBFloat16).contiguous();
+  at::Tensor out = at::empty({M, N}, x.options());
+  const Bias b = bias_of(bias, N);
+  const auto* xp = static_cast<const uint16_t*>(xb.data_ptr());
+  const auto* wp = static_cast<const uint16_t*>(weight.data_ptr());
+  void* op = out.data_ptr();
+  const OutType type = out_type_of(out);
+  at::parallel_for(0, N, kGrainRows, [&](int64_t begin, int64_t end) {
+    gemv_bf16(xp, K, M, K, wp, b, op, N, type, begin, end);
+  });
+  return out;
+}
+
+// (M, K) @ W.T with W = (codes - z) * s stored as kernels.h describes (bits 8 or 4).
+at::Tensor linear_quant(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
+                        const at::Tensor& zero_scales, int64_t bits, int64_t group_size,
+                        const std::optional<at::Tensor>& bias) {
+  check_rows(x);
+  TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4");
+  TORCH_CHECK(group_size > 0 && group_size % 64 == 0, "group size must be a multiple of 64");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  TORCH_CHECK(K % group_size == 0, "group size ", group_size, " does not divide K = ", K);
+  const int64_t G = K / group_size;
+  const int64_t padded_k = bits == 4 ? (K + 127) / 128 * 128 : K;
+  TORCH_CHECK(weight.scalar_type() == at::kByte && weight.is_contiguous() && weight.dim() == 2 &&
+              weight.size(1) == (bits == 8 ? K : padded_k / 2), "weight must be contiguous uint8 (N, ",
+              bits == 8 ? K : padded_k / 2, ")");
+  for (const at::Tensor* t : {&scales, &zero_scales}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 && t->size(0) == N &&
+                t->size(1) == G, "scales and zero_scales must be contiguous fp32 (N, G)");
+  }
+  const int64_t block = group_size % 128 == 0 ? 128 : 64;
+  const at::Tensor xc = x.contiguous();
+  at::Tensor codes = at::empty({M, padded_k}, x.options().dtype(at::kChar));
+  at::Tensor x_scales = at::empty({M, padded_k / 64}, x.options().dtype(at::kFloat));
+  at::Tensor group_terms = at::empty({M, G}, x.options().dtype(at::kFloat));
+  quantize_rows(xc.data_ptr(), xc.scalar_type() == at::kBFloat16, K, M, K, group_size, block,
+                codes.data_ptr<int8_t>(), padded_k, x_scales.data_ptr<float>(), padded_k / 64,
+                group_terms.data_ptr<float>());
+  const QuantizedRows rows{codes.data_ptr<int8_t>(), padded_k, x_scales.data_ptr<float>(), padded_k / 64,
+                           group_terms.data_ptr<float>(), G, block};
+  at::Tensor out = at::empty({M, N}, x.options());
+  const Bias b = bias_of(bias, N);
+  const auto* wp = weight.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>();
+  const float* zp = zero_scales.data_ptr<float>();
+  void* op = out.data_ptr();
+  const OutType type = out_type_of(out);
+  at::parallel_for(0, N, kGrainRows, [&](int64_t begin, int64_t end) {
+    gemv_quant(rows, M, K, wp, static_cast<int>(bits), sp, zp, group_size, b, op, N, type, begin, end);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(zili_cpu, m) {
+  m.def("linear_bf16(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("linear_quant(Tensor x, Tensor weight, Tensor scales, Tensor zero_scales, int bits, int group_size, "
+        "Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(zili_cpu, CPU, m) {
+  m.impl("linear_bf16", &linear_bf16);
+  m.impl("linear_quant", &linear_quant);
+}
+
+}  // namespace zili_cpu

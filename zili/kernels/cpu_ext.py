@@ -1,0 +1,107 @@
+"""Build and load zili's C++ CPU kernels (torch.ops.zili_cpu) on first use.
+
+The sources in zili/kernels/cpu/ are compiled once per machine with PyTorch's extension tooling
+(ninja) into TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions) and reloaded from there;
+a source change triggers a rebuild. They need AVX-512 with the BF16 and VNNI extensions: on a
+CPU without them nothing is built. Any build or load failure logs one warning and zili keeps
+using PyTorch's own kernels. ZILI_CPU_KERNELS=0 turns the kernels off.
+
+`MAX_KERNEL_ROWS` is the one dispatch rule: the kernels stream every weight once per 8 rows of
+x, so they win for decode-sized M; larger M (prefill, big batches) goes to PyTorch's oneDNN /
+AMX GEMM, which is compute-rich here.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE_DIR = Path(__file__).resolve().parent / "cpu"
+SOURCES = ("ops.cpp", "gemv_bf16.cpp", "gemv_quant.cpp")
+# compiler flag -> the /proc/cpuinfo flag that says the CPU runs it
+ISA_FLAGS = {
+    "-mavx512f": "avx512f",
+    "-mavx512bw": "avx512bw",
+    "-mavx512vl": "avx512vl",
+    "-mavx512bf16": "avx512_bf16",
+    "-mavx512vnni": "avx512_vnni",
+}
+# Rows of x up to which the kernels beat PyTorch (benchmarks/kernels_bench.py measures the crossover).
+MAX_KERNEL_ROWS = {"bf16": 8, "quant": 16}
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where it does not exist)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def missing_cpu_flags() -> list[str]:
+    flags = cpu_flags()
+    return [name for name in ISA_FLAGS.values() if name not in flags]
+
+
+def _build() -> None:
+    """Compile (or reuse the cached build of) the extension and register torch.ops.zili_cpu."""
+    from torch.utils import cpp_extension
+
+    try:  # the `ninja` wheel's binary, when the one on PATH is missing
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
+    cpp_extension.load(
+        name="zili_cpu_kernels",
+        sources=[str(SOURCE_DIR / name) for name in SOURCES],
+        extra_cflags=["-O3", *ISA_FLAGS, "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        verbose=False,
+    )
+
+
+def available() -> bool:
+    """True when torch.ops.zili_cpu is enabled (ZILI_CPU_KERNELS != "0") and loaded (built on first call)."""
+    return os.environ.get("ZILI_CPU_KERNELS", "1") != "0" and _loaded()
+
+
+@functools.cache
+def _loaded() -> bool:
+    missing = missing_cpu_flags()
+    if missing:
+        logger.info("zili CPU kernels not built: the CPU lacks %s", ", ".join(missing))
+        return False
+    try:
+        _build()
+    except Exception as exc:  # noqa: BLE001 -- any failure means: use PyTorch's kernels
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        logger.warning("zili CPU kernels unavailable, using PyTorch kernels (%s: %s)", type(exc).__name__, first_line)
+        return False
+    return True
+
+
+def use_kernel(kind: str, rows: int) -> bool:
+    """The dispatch rule: the `kind` ("bf16" or "quant") kernel takes x with `rows` rows."""
+    return 0 < rows <= MAX_KERNEL_ROWS[kind] and available()
+
+
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) bf16/fp32 @ weight (N, K) bf16 .T (+ bias) -> (M, N) in x's dtype."""
+    return torch.ops.zili_cpu.linear_bf16(x, weight, bias)
+
+
+def linear_quant(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zero_scales: torch.Tensor,
+                 bits: int, group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) @ W.T for W = (codes - zeros) * scales packed by zili.kernels.quant_kernels."""
+    return torch.ops.zili_cpu.linear_quant(x, weight, scales, zero_scales, bits, group_size, bias)
