@@ -21,6 +21,7 @@ $(STAMP): $(PY) pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
+	bash scripts/install-test-deps.sh
 	$(PY) -m pytest tests
 
 run: $(STAMP)
