@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from zili.errors import InvalidRequestError, TokenizerError
+from zili.serve.engine_client import EngineDeadError, EngineNotReadyError, RequestFailedError
 
 log = logging.getLogger("zili.serve")
 
@@ -56,6 +57,12 @@ def to_api_error(exc: BaseException) -> APIError:
         return APIError(400, str(exc), param=exc.param, code=code)
     if isinstance(exc, TokenizerError):
         return APIError(400, str(exc), param="messages", code="template_error")
+    if isinstance(exc, (EngineDeadError, EngineNotReadyError)):
+        code = "engine_dead" if isinstance(exc, EngineDeadError) else "model_loading"
+        return APIError(503, str(exc), code=code, headers={"Retry-After": "1"})
+    if isinstance(exc, RequestFailedError):
+        log.error("a request failed in the engine")
+        return APIError(500, "the engine failed this request", code="internal_error")
     log.error("internal error while handling a request: %s", type(exc).__name__)
     return APIError(500, "internal server error", code="internal_error")
 
