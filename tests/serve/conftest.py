@@ -6,8 +6,16 @@
 - `start_server(*args, model=..., env=...)`: a dedicated server for tests that need another
   configuration; stopped at the end of the test (or module, for module-scoped wrappers).
 
-Servers run with ZILI_TEST_MODE=1 so the hidden --fault-injection flag is honoured. Their
-stdout/stderr go to files so tests can read the logs.
+Servers run with ZILI_TEST_MODE=1 so the hidden --fault-injection flag is honoured, and in
+fp32: the random model's near-tied logits would flip under bf16's batch-dependent rounding.
+Their stdout/stderr go to files so tests can read the logs.
+
+docs/RELIABILITY.md, item -> test module:
+  1, 2, 4, 21 test_errors   3 test_sampling_property   5, 23 test_openai_client, test_openapi
+  6 test_limits   7 test_admission   8 test_soak   9 test_disconnect   10, 11 test_faults
+  12 test_kv_pressure   13 test_determinism   14 test_shutdown   15 test_lifecycle   16 test_utf8
+  17, 18 test_security   19 test_weights   20 test_templates   22 test_logs (and test_errors)
+  the chat page: test_web_page
 """
 
 from __future__ import annotations

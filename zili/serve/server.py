@@ -21,6 +21,7 @@ from zili.sampling_params import MAX_N
 from zili.serve.app import Hooks, create_app
 from zili.serve.engine_client import InProcessEngineClient
 from zili.serve.engine_process import ProcessEngineClient
+from zili.serve.security import LOOPBACK_NAMES
 from zili.serve.settings import ServeSettings
 
 log = logging.getLogger("zili.serve")
@@ -80,6 +81,9 @@ def build_client(settings: ServeSettings):
 
 def run_server(settings: ServeSettings) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.host not in LOOPBACK_NAMES and settings.api_key is None:
+        log.warning("listening on %s without an API key: anyone who can reach this port can use the model "
+                    "(set --api-key or ZILI_API_KEY)", settings.host)
     client = build_client(settings)
     hooks = Hooks()
     app = create_app(settings, client, hooks=hooks)

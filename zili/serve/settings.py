@@ -5,9 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-
-
 @dataclass
 class ServeSettings:
     model: Path
@@ -43,8 +40,6 @@ class ServeSettings:
     max_request_tokens: int | None = None
     """Cap on sum over choices of (prompt + max_tokens); None: 4 x max_model_len."""
     max_messages: int = 1024
-    max_prompts: int = 16
-    """Prompts in one /v1/completions request (x n at most MAX_N choices in all)."""
     keepalive_s: float = 10.0
     """SSE comment sent after this long without a token."""
     drain_timeout_s: float = 30.0
@@ -56,6 +51,7 @@ class ServeSettings:
     fault_injection: list[str] = field(default_factory=list)
     """Test-mode faults (honoured only with ZILI_TEST_MODE=1); see engine_worker.py."""
     access_log: bool = True
+    """uvicorn's access log: client address, method, path, status (never bodies or headers)."""
 
     @property
     def model_names(self) -> list[str]:
