@@ -88,15 +88,18 @@ def copies_of(state, count: int) -> list:
     return [state] + [clone(state) for _ in range(count - 1)]
 
 
+CLOCK = time.perf_counter  # --clock cpu: this thread's CPU time (one thread; robust to a busy machine)
+
+
 def seconds_per_call(call, states: list, x: torch.Tensor, reps: int) -> float:
     for state in states:  # warm-up pass
         call(x, state)
     samples = []
     for _ in range(reps):
-        start = time.perf_counter()
+        start = CLOCK()
         for state in states:
             call(x, state)
-        samples.append((time.perf_counter() - start) / len(states))
+        samples.append((CLOCK() - start) / len(states))
     return median(samples)
 
 
@@ -177,16 +180,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="weights cycled through per layer measurement (default: the bf16 model's)")
     parser.add_argument("--rows", default="1,2,4,8,12,16,24,32", help="M values of the rows sweep")
     parser.add_argument("--precisions", default="bf16,int8,int4")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: per-call CPU time of the (single) thread, for a machine shared with other work")
     parser.add_argument("--model-reps", type=int, default=3)
     parser.add_argument("--decode-tokens", type=int, default=128)
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
     torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        if args.threads != 1:
+            parser.error("--clock cpu measures one thread: use --threads 1")
+        global CLOCK
+        CLOCK = time.thread_time
     if not cpu_ext.available():
         log("zili CPU kernels unavailable on this machine; nothing to compare")
         return 1
     target = args.target_bytes or (safetensors_bytes_per_token(MODEL_DIR) if MODEL_DIR.exists() else 774_000_000)
-    result: dict = {"threads": args.threads, "load_average_at_start": os.getloadavg(), "target_bytes": target}
+    result: dict = {"threads": args.threads, "clock": args.clock, "load_average_at_start": os.getloadavg(), "target_bytes": target}
     names = args.variants.split(",")
     bandwidth = read_bandwidth(target, args.threads, args.reps)
     result["bandwidth"] = bandwidth

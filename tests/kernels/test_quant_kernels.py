@@ -56,7 +56,7 @@ CASES = [  # bits, N, K, group, symmetric, permuted
 ]
 
 
-@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("m", [1, 3, 8, 20])  # 20: panels of W reused for groups of 8 rows
 @pytest.mark.parametrize("bits,n,k,group,symmetric,permuted", CASES)
 def test_kernel_is_within_the_activation_quantization_bound(cpu_kernels, m, bits, n, k, group, symmetric, permuted):
     weight = random_weight(bits, n, k, group, symmetric, permuted)
@@ -113,6 +113,19 @@ def test_large_inputs_take_the_dequantized_path(cpu_kernels, monkeypatch, bits):
     m = cpu_kernels.MAX_KERNEL_ROWS["quant"] + 1
     x = torch.randn(m, 192)
     torch.testing.assert_close(kernel(x).double(), reference(x, weight), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits,n,k,group", [(8, 40, 192, 64), (4, 17, 192, 64), (4, 33, 896, 128), (8, 5, 256, 256)])
+def test_dequantize_op_matches_the_pytorch_dequantization(cpu_kernels, bits, n, k, group):
+    kernel = KERNELS[bits](random_weight(bits, n, k, group, symmetric=False))
+    expected = kernel.dequantized(slice(3, n), torch.float32)      # codes * s - s * z in PyTorch ops
+    assert torch.equal(kernel.codes(slice(None)), random_weight(bits, n, k, group, symmetric=False).codes)
+    args = (kernel.weight, kernel.scales, kernel.zero_scales, bits, group, slice(3, n))
+    fp32 = cpu_kernels.dequantize(*args, torch.float32)
+    bf16 = cpu_kernels.dequantize(*args, torch.bfloat16)
+    assert fp32.shape == bf16.shape == (n - 3, k) and bf16.dtype == torch.bfloat16
+    assert ((fp32 - expected).abs() <= 1e-6 * expected.abs().max()).all()      # a fused multiply-subtract
+    assert ((bf16.float() - expected).abs() <= 2.0**-8 * expected.abs() + 1e-6 * expected.abs().max()).all()
 
 
 def test_bias_in_the_op(cpu_kernels):

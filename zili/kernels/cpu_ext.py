@@ -6,9 +6,10 @@ a source change triggers a rebuild. They need AVX-512 with the BF16 and VNNI ext
 CPU without them nothing is built. Any build or load failure logs one warning and zili keeps
 using PyTorch's own kernels. ZILI_CPU_KERNELS=0 turns the kernels off.
 
-`MAX_KERNEL_ROWS` is the one dispatch rule: the kernels stream every weight once per 8 rows of
-x, so they win for decode-sized M; larger M (prefill, big batches) goes to PyTorch's oneDNN /
-AMX GEMM, which is compute-rich here.
+`MAX_KERNEL_ROWS` is the one dispatch rule. The kernels read every weight once and compute with
+AVX-512 dot products, 8 rows of x at a time: they win while the weights' bytes dominate
+(decode). Larger M (prefill, big batches) goes to PyTorch's oneDNN / AMX GEMM, which is
+compute-rich here; quantized weights get there through a dequantized slice at a time.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).resolve().parent / "cpu"
-SOURCES = ("ops.cpp", "gemv_bf16.cpp", "gemv_quant.cpp")
+SOURCES = ("ops.cpp", "gemv_bf16.cpp", "gemv_quant.cpp", "dequantize.cpp")
 # compiler flag -> the /proc/cpuinfo flag that says the CPU runs it
 ISA_FLAGS = {
     "-mavx512f": "avx512f",
@@ -32,8 +33,10 @@ ISA_FLAGS = {
     "-mavx512bf16": "avx512_bf16",
     "-mavx512vnni": "avx512_vnni",
 }
-# Rows of x up to which the kernels beat PyTorch (benchmarks/kernels_bench.py measures the crossover).
-MAX_KERNEL_ROWS = {"bf16": 8, "quant": 16}
+# Rows of x up to which the kernels beat PyTorch, from benchmarks/kernels_bench.py --parts rows
+# (gate_up 896 -> 9728): bf16 kernel vs oneDNN bf16 crosses between 8 and 12 rows; int8/int4
+# kernels vs dequantize + oneDNN between 32 and 64.
+MAX_KERNEL_ROWS = {"bf16": 8, "quant": 32}
 
 
 def cpu_flags() -> set[str]:
@@ -105,3 +108,10 @@ def linear_quant(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, ze
                  bits: int, group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) @ W.T for W = (codes - zeros) * scales packed by zili.kernels.quant_kernels."""
     return torch.ops.zili_cpu.linear_quant(x, weight, scales, zero_scales, bits, group_size, bias)
+
+
+def dequantize(weight: torch.Tensor, scales: torch.Tensor, zero_scales: torch.Tensor, bits: int, group_size: int,
+               rows: slice, dtype: torch.dtype) -> torch.Tensor:
+    """Rows `rows` (a step-1 slice) of a `linear_quant` weight as a dense (rows, K) `dtype` tensor."""
+    start, stop, _ = rows.indices(weight.shape[0])
+    return torch.ops.zili_cpu.dequantize(weight, scales, zero_scales, bits, group_size, start, stop, dtype)

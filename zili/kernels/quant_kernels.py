@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # zili.layers.quantized imports this module to register the k
     from zili.layers.quantized.weight import QuantizedWeight
 
 INT4_CHUNK = 128            # inputs per 64-byte packed int4 chunk
-DEQUANT_SLICE_ELEMENTS = 1 << 21  # weight elements dequantized at a time on the large-M path
+DEQUANT_SLICE_ELEMENTS = 1 << 20  # weight elements dequantized at a time on the large-M path (2 MB in bf16)
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -69,7 +69,7 @@ class _VnniKernel(nn.Module):
         return self.weight[rows]
 
     def dequantized(self, rows: slice, dtype: torch.dtype) -> torch.Tensor:
-        """(rows, K) weight in `dtype`: codes * s - s * z per group."""
+        """(rows, K) weight in `dtype`: codes * s - s * z per group (PyTorch ops; the C++ op's oracle)."""
         codes = self.codes(rows).float().view(-1, self.scales.shape[1], self.group_size)        # (n, G, g)
         weight = codes * self.scales[rows, :, None] - self.zero_scales[rows, :, None]
         return weight.view(-1, self.in_features).to(dtype)
@@ -89,7 +89,8 @@ class _VnniKernel(nn.Module):
     def dequantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, K), any M -> (M, N): F.linear over slices of the weight dequantized to x's dtype."""
         step = max(DEQUANT_SLICE_ELEMENTS // self.in_features, 1)
-        return torch.cat([F.linear(x, self.dequantized(slice(n, n + step), x.dtype))
+        return torch.cat([F.linear(x, cpu_ext.dequantize(self.weight, self.scales, self.zero_scales, self.bits,
+                                                         self.group_size, slice(n, n + step), x.dtype))
                           for n in range(0, self.out_features, step)], dim=-1)
 
 

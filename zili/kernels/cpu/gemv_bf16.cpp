@@ -26,7 +26,10 @@ void bf16_tile(const uint16_t* x, int64_t ldx, int64_t K, const uint16_t* w, int
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
     __m512bh wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = as_bh(_mm512_loadu_si512(rows[r] + k));
+    for (int r = 0; r < R; ++r) {
+      prefetch_ahead(rows[r] + k);
+      wv[r] = as_bh(_mm512_loadu_si512(rows[r] + k));
+    }
     for (int m = 0; m < MB; ++m) {
       const __m512bh xv = as_bh(_mm512_loadu_si512(x + m * ldx + k));
       for (int r = 0; r < R; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv[r], xv);
@@ -64,19 +67,23 @@ void bf16_rows(const uint16_t* x, int64_t ldx, int64_t K, const uint16_t* w, con
 
 void gemv_bf16(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, const uint16_t* w, Bias bias, void* out,
                int64_t ldo, OutType out_type, int64_t n_begin, int64_t n_end) {
-  // Beyond 8 rows of x the weights are streamed once per 8 rows (callers send such M elsewhere).
-  for (int64_t m0 = 0; m0 < M; m0 += 8) {
-    const uint16_t* xs = x + m0 * ldx;
-    char* os = static_cast<char*>(out) + m0 * ldo * (out_type == OutType::kBFloat16 ? 2 : 4);
-    switch (std::min<int64_t>(8, M - m0)) {
-      case 1: bf16_rows<1>(xs, ldx, K, w, bias, os, ldo, out_type, n_begin, n_end); break;
-      case 2: bf16_rows<2>(xs, ldx, K, w, bias, os, ldo, out_type, n_begin, n_end); break;
-      case 3: bf16_rows<3>(xs, ldx, K, w, bias, os, ldo, out_type, n_begin, n_end); break;
-      case 4: bf16_rows<4>(xs, ldx, K, w, bias, os, ldo, out_type, n_begin, n_end); break;
-      case 5: bf16_rows<5>(xs, ldx, K, w, bias, os, ldo, out_type, n_begin, n_end); break;
-      case 6: bf16_rows<6>(xs, ldx, K, w, bias, os, ldo, out_type, n_begin, n_end); break;
-      case 7: bf16_rows<7>(xs, ldx, K, w, bias, os, ldo, out_type, n_begin, n_end); break;
-      default: bf16_rows<8>(xs, ldx, K, w, bias, os, ldo, out_type, n_begin, n_end); break;
+  // Beyond 8 rows of x, each panel of W rows is used for every group of 8 rows while it is in cache.
+  const int64_t panel = M > 8 ? kPanelRows : n_end - n_begin;
+  for (int64_t p = n_begin; p < n_end; p += panel) {
+    const int64_t p_end = std::min(p + panel, n_end);
+    for (int64_t m0 = 0; m0 < M; m0 += 8) {
+      const uint16_t* xs = x + m0 * ldx;
+      char* os = static_cast<char*>(out) + m0 * ldo * (out_type == OutType::kBFloat16 ? 2 : 4);
+      switch (std::min<int64_t>(8, M - m0)) {
+        case 1: bf16_rows<1>(xs, ldx, K, w, bias, os, ldo, out_type, p, p_end); break;
+        case 2: bf16_rows<2>(xs, ldx, K, w, bias, os, ldo, out_type, p, p_end); break;
+        case 3: bf16_rows<3>(xs, ldx, K, w, bias, os, ldo, out_type, p, p_end); break;
+        case 4: bf16_rows<4>(xs, ldx, K, w, bias, os, ldo, out_type, p, p_end); break;
+        case 5: bf16_rows<5>(xs, ldx, K, w, bias, os, ldo, out_type, p, p_end); break;
+        case 6: bf16_rows<6>(xs, ldx, K, w, bias, os, ldo, out_type, p, p_end); break;
+        case 7: bf16_rows<7>(xs, ldx, K, w, bias, os, ldo, out_type, p, p_end); break;
+        default: bf16_rows<8>(xs, ldx, K, w, bias, os, ldo, out_type, p, p_end); break;
+      }
     }
   }
 }

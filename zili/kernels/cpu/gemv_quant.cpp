@@ -76,7 +76,10 @@ void quant_tile(const QuantizedRows& xq, int64_t K, const uint8_t* w, const floa
     for (int64_t k = 0; k < K; k += 64 * CPB) {
       for (int c = 0; c < CPB; ++c) {
         __m512i wv[R];
-        for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_si512(rows[r] + k + 64 * c);
+        for (int r = 0; r < R; ++r) {
+          prefetch_ahead(rows[r] + k + 64 * c);
+          wv[r] = _mm512_loadu_si512(rows[r] + k + 64 * c);
+        }
         accumulate(wv, k + 64 * c);
       }
       flush();
@@ -86,6 +89,7 @@ void quant_tile(const QuantizedRows& xq, int64_t K, const uint8_t* w, const floa
     for (int64_t k = 0; k < xq.ld; k += 128) {  // 64 bytes = 128 inputs per row
       __m512i lo[R], hi[R];
       for (int r = 0; r < R; ++r) {
+        prefetch_ahead(rows[r] + k / 2);
         const __m512i v = _mm512_loadu_si512(rows[r] + k / 2);
         lo[r] = _mm512_and_si512(v, low_nibbles);
         hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low_nibbles);
@@ -125,23 +129,28 @@ template <int CPB, int BITS>
 void quant_dispatch(const QuantizedRows& xq, int64_t M, int64_t K, const uint8_t* w, const float* scales,
                     const float* zero_scales, int64_t group_size, const Bias& bias, void* out, int64_t ldo,
                     OutType out_type, int64_t n_begin, int64_t n_end) {
-  for (int64_t m0 = 0; m0 < M; m0 += 8) {
-    QuantizedRows part = xq;
-    part.codes += m0 * xq.ld, part.scales += m0 * xq.scales_ld, part.group_terms += m0 * xq.num_groups;
-    char* o = static_cast<char*>(out) + m0 * ldo * (out_type == OutType::kBFloat16 ? 2 : 4);
+  // Beyond 8 rows of x, each panel of W rows is used for every group of 8 rows while it is in cache.
+  const int64_t panel = M > 8 ? kPanelRows : n_end - n_begin;
+  for (int64_t p = n_begin; p < n_end; p += panel) {
+    const int64_t p_end = std::min(p + panel, n_end);
+    for (int64_t m0 = 0; m0 < M; m0 += 8) {
+      QuantizedRows part = xq;
+      part.codes += m0 * xq.ld, part.scales += m0 * xq.scales_ld, part.group_terms += m0 * xq.num_groups;
+      char* o = static_cast<char*>(out) + m0 * ldo * (out_type == OutType::kBFloat16 ? 2 : 4);
 #define ZILI_ROWS(MB) quant_rows<MB, CPB, BITS>(part, K, w, scales, zero_scales, group_size, bias, o, ldo, \
-                                                 out_type, n_begin, n_end)
-    switch (std::min<int64_t>(8, M - m0)) {
-      case 1: ZILI_ROWS(1); break;
-      case 2: ZILI_ROWS(2); break;
-      case 3: ZILI_ROWS(3); break;
-      case 4: ZILI_ROWS(4); break;
-      case 5: ZILI_ROWS(5); break;
-      case 6: ZILI_ROWS(6); break;
-      case 7: ZILI_ROWS(7); break;
-      default: ZILI_ROWS(8); break;
-    }
+                                                 out_type, p, p_end)
+      switch (std::min<int64_t>(8, M - m0)) {
+        case 1: ZILI_ROWS(1); break;
+        case 2: ZILI_ROWS(2); break;
+        case 3: ZILI_ROWS(3); break;
+        case 4: ZILI_ROWS(4); break;
+        case 5: ZILI_ROWS(5); break;
+        case 6: ZILI_ROWS(6); break;
+        case 7: ZILI_ROWS(7); break;
+        default: ZILI_ROWS(8); break;
+      }
 #undef ZILI_ROWS
+    }
   }
 }
 

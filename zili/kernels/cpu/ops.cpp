@@ -93,17 +93,49 @@ at::Tensor linear_quant(const at::Tensor& x, const at::Tensor& weight, const at:
   return out;
 }
 
+// Rows [row_begin, row_end) of a weight in linear_quant's layout, dequantized to `dtype` (fp32 / bf16).
+at::Tensor dequantize(const at::Tensor& weight, const at::Tensor& scales, const at::Tensor& zero_scales,
+                      int64_t bits, int64_t group_size, int64_t row_begin, int64_t row_end, at::ScalarType dtype) {
+  TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dequantize to fp32 or bf16");
+  TORCH_CHECK(group_size > 0 && group_size % 64 == 0, "group size must be a multiple of 64");
+  const int64_t N = weight.size(0), G = scales.size(1), K = G * group_size;
+  const int64_t padded_k = bits == 4 ? (K + 127) / 128 * 128 : K;
+  TORCH_CHECK(weight.scalar_type() == at::kByte && weight.is_contiguous() && weight.dim() == 2 &&
+              weight.size(1) == (bits == 8 ? K : padded_k / 2), "weight does not match the scales' groups");
+  for (const at::Tensor* t : {&scales, &zero_scales}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 && t->size(0) == N &&
+                t->size(1) == G, "scales and zero_scales must be contiguous fp32 (N, G)");
+  }
+  TORCH_CHECK(0 <= row_begin && row_begin <= row_end && row_end <= N, "row range out of bounds");
+  at::Tensor out = at::empty({row_end - row_begin, K}, weight.options().dtype(dtype));
+  const auto* wp = weight.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>();
+  const float* zp = zero_scales.data_ptr<float>();
+  char* op = static_cast<char*>(out.data_ptr());
+  const OutType type = out_type_of(out);
+  const int64_t row_size = K * out.element_size();
+  at::parallel_for(row_begin, row_end, kGrainRows, [&](int64_t begin, int64_t end) {
+    dequantize_rows(wp, static_cast<int>(bits), K, sp, zp, group_size, begin, end,
+                    op + (begin - row_begin) * row_size, type);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(zili_cpu, m) {
   m.def("linear_bf16(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("linear_quant(Tensor x, Tensor weight, Tensor scales, Tensor zero_scales, int bits, int group_size, "
         "Tensor? bias) -> Tensor");
+  m.def("dequantize(Tensor weight, Tensor scales, Tensor zero_scales, int bits, int group_size, int row_begin, "
+        "int row_end, ScalarType dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(zili_cpu, CPU, m) {
   m.impl("linear_bf16", &linear_bf16);
   m.impl("linear_quant", &linear_quant);
+  m.impl("dequantize", &dequantize);
 }
 
 }  // namespace zili_cpu
