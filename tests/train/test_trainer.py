@@ -151,3 +151,22 @@ def test_overwrite_refuses_folders_of_other_files(corpus_file, tmp_path):
 def test_resume_without_checkpoint(corpus_file, tmp_path):
     with pytest.raises(CheckpointFormatError, match="no training checkpoint"):
         train(options(corpus_file, tmp_path / "out", resume=True))
+
+
+def test_budget_fit_follows_the_measured_speed():
+    from zili.train.distributed import DistEnv
+    from zili.train.trainer import _BudgetFit
+
+    fit = _BudgetFit(budget_s=100.0, upper_steps=1000, env=DistEnv())
+    config = TEST_CONFIG.with_overrides(max_steps=1000)
+    seen = []
+    for step in range(1, 40):  # 2 s for the first step (start-up), then 1 s per step; later 0.5 s per step
+        elapsed = 2.0 + (step - 1) * 1.0 if step <= 16 else 17.0 + (step - 16) * 0.5
+        config = fit.fit(config, step, elapsed, now=elapsed, resumed=False)
+        seen.append(config.max_steps)
+    assert seen[:5] == [1000] * 5  # timing starts after step 1; the first fit comes 5 steps later
+    assert seen[5] == 6 + int((100 - 7.0) / 1.0)  # at step 6: 1 s per step, 93 s left
+    # at step 26 (22 s elapsed) the average since step 1 is (22 - 2) / 25 s per step: the run grows to fit
+    assert seen[25] == 26 + int((100 - 22.0) / ((22.0 - 2.0) / 25))
+    assert fit.fit(config, 40, 111.0, now=111.0, resumed=False).max_steps == 40  # past the deadline: stop
+    assert _BudgetFit(100.0, 50, DistEnv()).fit(config, 1, 0.1, 0.1, resumed=True) is config
