@@ -58,6 +58,14 @@ def test_resume_continues_the_same_loss_curve(corpus_file, val_file, tmp_path):
     assert [h["lr"] for h in second.history] == [h["lr"] for h in straight.history]
 
 
+def test_gradient_accumulation_equals_the_larger_batch(corpus_file, val_file, tmp_path):
+    # the same rows in the same order: 2 micro-batches of 2 sum to the gradient of one batch of 4
+    accumulated = train(options(corpus_file, tmp_path / "accum", val_file, batch_size=2, grad_accum=2, max_steps=6))
+    whole = train(options(corpus_file, tmp_path / "whole", val_file, batch_size=4, grad_accum=1, max_steps=6))
+    torch.testing.assert_close([h["loss"] for h in accumulated.history], [h["loss"] for h in whole.history],
+                               rtol=1e-4, atol=0)
+
+
 def test_ctrl_c_writes_a_checkpoint_and_stops(corpus_file, val_file, tmp_path):
     def interrupt(step, loss):
         if step == 3:
