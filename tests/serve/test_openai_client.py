@@ -62,18 +62,23 @@ def test_completion_batch_of_prompts_and_token_ids(openai_client, http):
 
 def test_completion_n_seed_echo_logprobs(openai_client):
     result = openai_client.completions.create(model=MODEL_NAME, prompt="Hello", max_tokens=4, n=3, seed=7,
-                                              temperature=1.0, echo=True, logprobs=2)
+                                              temperature=1.0, echo=True, logprobs=2, extra_body={"ignore_eos": True})
     assert sorted(c.index for c in result.choices) == [0, 1, 2]
     again = openai_client.completions.create(model=MODEL_NAME, prompt="Hello", max_tokens=4, n=3, seed=7,
-                                             temperature=1.0, echo=True, logprobs=2)
+                                             temperature=1.0, echo=True, logprobs=2, extra_body={"ignore_eos": True})
     assert [c.text for c in result.choices] == [c.text for c in again.choices]
+    per_choice = 4  # ignore_eos: every choice runs to max_tokens
+    assert result.usage.completion_tokens == 3 * per_choice
     for choice in result.choices:
         assert choice.text.startswith("Hello")
         lp = choice.logprobs
         assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
-        # echo: prompt tokens (all but the first) + up to 4 generated
-        assert len(lp.tokens) >= 4 and all(v <= 0 for v in lp.token_logprobs)
-        assert all(len(top) <= 2 for top in lp.top_logprobs)
+        # echo: every prompt token (the first without a logprob, as OpenAI sends it), then the completion
+        assert len(lp.tokens) == result.usage.prompt_tokens + per_choice
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert all(v <= 0 for v in lp.token_logprobs[1:])
+        assert all(1 <= len(top) <= 2 for top in lp.top_logprobs[1:])
+        assert lp.text_offset == sorted(lp.text_offset)
 
 
 def test_completion_stop_string(openai_client):

@@ -19,20 +19,25 @@ from zili.serve.streaming import DeltaTracker, SSEResponse, merged_outputs, sse_
 router = APIRouter()
 
 
-def _logprobs_block(state: ServerState, entries: list[Logprob | None], start_offset: int) -> dict:
+def _logprobs_block(state: ServerState, entries: list[Logprob], start_offset: int) -> dict:
     """OpenAI completions logprobs: parallel lists of tokens, logprobs, top dicts and text offsets."""
     block = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     offset = start_offset
     for entry in entries:
-        if entry is None:  # the first prompt token has no logprob
-            continue
         text = state.token_text(entry.token_id)
         block["tokens"].append(text)
         block["token_logprobs"].append(finite(entry.logprob))
-        block["top_logprobs"].append({state.token_text(t): finite(lp) for t, lp in entry.top.items()})
+        block["top_logprobs"].append(None if entry.logprob is None else
+                                     {state.token_text(t): finite(lp) for t, lp in entry.top.items()})
         block["text_offset"].append(offset)
         offset += len(text)
     return block
+
+
+def _prompt_entries(output, prompt_token_ids: list[int]) -> list[Logprob]:
+    """Echoed prompt logprobs; the first prompt token has none (null, as OpenAI sends it)."""
+    return [lp if lp is not None else Logprob(prompt_token_ids[i], None)
+            for i, lp in enumerate(output.prompt_logprobs or [])]
 
 
 async def _prepare(state: ServerState, body: CompletionRequest) -> list[Job]:
@@ -83,7 +88,8 @@ async def _collect(state: ServerState, body: CompletionRequest, jobs: list[Job],
             prefix = _echo_text(state, job) if body.echo else ""
             logprobs = None
             if body.logprobs is not None:
-                entries = (list(output.prompt_logprobs or []) if body.echo else []) + list(completion.logprobs or [])
+                entries = (_prompt_entries(output, job.prompt_token_ids) if body.echo else []) + \
+                    list(completion.logprobs or [])
                 logprobs = _logprobs_block(state, entries, 0)
             choice = {"index": job_index * body.n + completion.index, "text": prefix + completion.text,
                       "logprobs": logprobs, "finish_reason": completion.finish_reason}
@@ -104,6 +110,7 @@ async def _stream(state: ServerState, body: CompletionRequest, jobs: list[Job], 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     usage_chunk = {"usage": None} if include_usage else {}
     echoed: set[int] = set()
+    offsets: dict[int, int] = {}  # choice index -> characters sent (logprobs text_offset)
     completion_tokens, first_token_s = 0, None
 
     def chunk(choices):
@@ -125,8 +132,11 @@ async def _stream(state: ServerState, body: CompletionRequest, jobs: list[Job], 
             if body.echo and delta.index not in echoed:
                 echoed.add(delta.index)
                 text = _echo_text(state, jobs[job_index]) + text
-                logprob_entries = list(output.prompt_logprobs or []) + logprob_entries
-            logprobs = _logprobs_block(state, logprob_entries, 0) if body.logprobs is not None else None
+                logprob_entries = _prompt_entries(output, jobs[job_index].prompt_token_ids) + logprob_entries
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = _logprobs_block(state, logprob_entries, offsets.get(delta.index, 0))
+            offsets[delta.index] = offsets.get(delta.index, 0) + len(text)
             if delta.finish_reason:
                 state.metrics.finished.labels(reason=delta.finish_reason).inc()
             choice = {"index": delta.index, "text": text, "logprobs": logprobs, "finish_reason": delta.finish_reason}
