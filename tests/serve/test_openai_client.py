@@ -122,7 +122,7 @@ def test_chat_stream_with_usage_and_n(openai_client):
     kwargs = dict(model=MODEL_NAME, messages=MESSAGES, max_tokens=8, temperature=0.9, seed=11, n=2)
     whole = openai_client.chat.completions.create(**kwargs)
     stream = openai_client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs)
-    texts, finish, usage = {0: "", 1: ""}, {}, None
+    texts, finish, usage, finish_chunks = {0: "", 1: ""}, {}, None, []
     for chunk in stream:
         ChatCompletionChunk.model_validate(chunk.model_dump())
         if chunk.usage is not None:
@@ -132,8 +132,10 @@ def test_chat_stream_with_usage_and_n(openai_client):
             texts[choice.index] += choice.delta.content or ""
             if choice.finish_reason:
                 finish[choice.index] = choice.finish_reason
+                finish_chunks.append(choice.index)
     assert texts == {c.index: c.message.content for c in whole.choices}
     assert finish == {c.index: c.finish_reason for c in whole.choices}
+    assert sorted(finish_chunks) == [0, 1]  # one finishing chunk per choice
     assert usage is not None and usage.completion_tokens == whole.usage.completion_tokens
 
 

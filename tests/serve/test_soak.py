@@ -62,8 +62,8 @@ def run_one(url: str, request) -> str:
             payloads = [json.loads(e) for e in events[:-1]]
             if payloads and "error" in payloads[-1]:
                 return "error"
-            finished = {c["index"] for p in payloads for c in p.get("choices", []) if c.get("finish_reason")}
-            return "complete" if finished == set(range(body["n"])) else "incomplete stream"
+            finishes = [c["index"] for p in payloads for c in p.get("choices", []) if c.get("finish_reason")]
+            return "complete" if sorted(finishes) == list(range(body["n"])) else "incomplete stream"
     except httpx.TimeoutException:
         return "aborted" if abort_timeout is not None else "timeout"
 

@@ -73,9 +73,13 @@ class ChoiceDelta:
 
 
 class DeltaTracker:
+    """Per choice: what was already sent. Snapshots may repeat (the process client updates one
+    RequestOutput in place), so a repeated snapshot yields no delta and a finish is sent once."""
+
     def __init__(self, n: int):
         self.n = n
         self.sent: dict[int, tuple[int, int, int]] = {}
+        self.finished: set[int] = set()
 
     def deltas(self, job_index: int, output: RequestOutput) -> list[ChoiceDelta]:
         result = []
@@ -87,6 +91,10 @@ class DeltaTracker:
                                 completion.finish_reason, completion)
             self.sent[index] = (len(completion.text), len(completion.token_ids),
                                 logprobs + len(new_logprobs or []))
+            if delta.finish_reason:
+                if index in self.finished:
+                    delta.finish_reason = None
+                self.finished.add(index)
             if delta.text or delta.token_ids or delta.finish_reason:
                 result.append(delta)
         return result
