@@ -25,7 +25,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from zili.compress.quantize import quantize_model  # noqa: E402
+from zili.compress.quantize import fitting_group_size, linear_input_sizes, quantize_model  # noqa: E402
 from zili.compress.scheme import QuantizeOptions, QuantScheme  # noqa: E402
 from zili.config import ModelConfig  # noqa: E402
 from zili.eval.full_sequence import FullSequenceAttention  # noqa: E402
@@ -34,17 +34,6 @@ from zili.models.loader import load_model  # noqa: E402
 from zili.models.tokenizer import Tokenizer  # noqa: E402
 
 DEMO = REPO / "models" / "zili-demo"
-
-
-def linear_inputs(config: ModelConfig) -> list[int]:
-    return [config.hidden_size, config.num_attention_heads * config.head_dim, config.intermediate_size]
-
-
-def pick_group_size(config: ModelConfig, wanted: int) -> int:
-    size = wanted
-    while size > 1 and any(dim % size for dim in linear_inputs(config)):
-        size //= 2
-    return size
 
 
 @torch.no_grad()
@@ -105,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     ids = Tokenizer.from_folder(args.model).encode(text)
     ids = ids[: args.max_tokens] if args.max_tokens else ids
     window = min(config.max_position_embeddings, len(ids))
-    group = pick_group_size(config, args.group_size)
+    group = fitting_group_size(config, args.group_size)
     symmetric = not args.asym
     calib = dict(calib_windows=args.calib_windows, calib_window_tokens=min(512, config.max_position_embeddings))
     int4 = QuantScheme(4, group, symmetric)
@@ -148,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if group != args.group_size:
         lines += [f"int4 uses group size {group}: {args.group_size} does not divide every Linear input "
-                  f"({', '.join(map(str, linear_inputs(config)))}).", ""]
+                  f"({', '.join(map(str, linear_input_sizes(config).values()))}).", ""]
     lines += ["| variant | scheme | perplexity | vs bf16 | KL (mnats) | RTN ppl gap recovered | RTN KL recovered "
               "| checkpoint MiB | quantize s |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|"]

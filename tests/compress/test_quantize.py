@@ -164,6 +164,10 @@ def test_cli(qwen_checkpoint, calib_file, tmp_path, capsys):
     code = main(["quantize", str(qwen_checkpoint), "-o", str(tmp_path / "q8"), "--bits", "8", "--asym"])
     weights = json.loads((tmp_path / "q8" / "config.json").read_text())["quantization_config"]["config_groups"]
     assert code == 0 and weights["group_0"]["weights"]["strategy"] == "channel"
+    assert main(["quantize", str(qwen_checkpoint), "-o", str(tmp_path / "auto")]) == 0  # int4, no group size
+    assert "note: group size 64" in capsys.readouterr().err   # 128 does not divide hidden 64
+    weights = json.loads((tmp_path / "auto" / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert weights["group_0"]["weights"]["group_size"] == 64
     for argv, message in [(["--method", "hqq"], "unknown quantization method 'hqq'"),
                           (["--bits", "3"], "bits must be 4 or 8"),
                           (["--group-size", "48"], "does not divide")]:

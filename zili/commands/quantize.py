@@ -33,8 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="rtn", help=f"{', '.join(METHODS)} (default: rtn)")
     parser.add_argument("--bits", type=int, default=4, help="4 or 8 (default: 4)")
     parser.add_argument("--group-size", type=parse_group_size, default=None,
-                        help="input columns per scale: 32, 64, 128 ... or 'channel' "
-                             "(default: 128 for 4-bit, channel for 8-bit)")
+                        help="input columns per scale: 32, 64, 128 ... or 'channel' (default: 128 for "
+                             "4-bit, or the largest power of two below it that fits the model; channel for 8-bit)")
     symmetry = parser.add_mutually_exclusive_group()
     symmetry.add_argument("--sym", dest="symmetric", action="store_true", default=None,
                           help="symmetric (no zero points; default for rtn and gptq)")
@@ -59,15 +59,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from zili.compress.quantize import quantize_model
+    from zili.compress.quantize import fitting_group_size, quantize_model
     from zili.compress.scheme import QuantizeOptions, QuantScheme
+    from zili.config import ModelConfig
     from zili.llm import default_model_path
 
     model = args.model or default_model_path()
     group_size = args.group_size
-    if group_size is None:
-        group_size = 128 if args.bits == 4 else PER_CHANNEL
-    group_size = None if group_size == PER_CHANNEL else group_size
+    if group_size is None and args.bits == 4:  # 128 where it fits every layer, else the largest that does
+        group_size = fitting_group_size(ModelConfig.from_folder(model))
+        if group_size != 128:
+            print(f"note: group size {group_size}, the largest power of two up to 128 that divides every "
+                  "layer's input dimension", file=sys.stderr)
+    group_size = None if group_size in (None, PER_CHANNEL) else group_size
     symmetric = args.symmetric if args.symmetric is not None else args.method != "awq"
     options = QuantizeOptions(method=args.method, scheme=QuantScheme(args.bits, group_size, symmetric),
                               quantize_lm_head=args.quantize_lm_head, act_order=args.act_order,

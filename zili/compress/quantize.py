@@ -151,14 +151,26 @@ def _dense_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def linear_input_sizes(config: ModelConfig) -> dict[str, int]:
+    """The input dimension of every quantizable Linear, by where it is."""
+    return {"q/k/v and gate/up projections": config.hidden_size,
+            "o_proj": config.num_attention_heads * config.head_dim,
+            "down_proj": config.intermediate_size}
+
+
+def fitting_group_size(config: ModelConfig, wanted: int = 128) -> int:
+    """`wanted`, or the largest power of two below it dividing every Linear input of the model."""
+    size = wanted
+    while size > 1 and any(dim % size for dim in linear_input_sizes(config).values()):
+        size //= 2
+    return size
+
+
 def validate(config: ModelConfig, options: QuantizeOptions) -> None:
     """Errors that need no weights: already quantized, a group size not dividing some layer."""
     if config.quantization_config:
         raise InvalidRequestError("this model is already quantized; quantize its original weights", param="model")
-    inputs = {"q/k/v and gate/up projections": config.hidden_size,
-              "o_proj": config.num_attention_heads * config.head_dim,
-              "down_proj": config.intermediate_size}
-    for where, size in inputs.items():
+    for where, size in linear_input_sizes(config).items():
         options.scheme.check_divides(size, where)
 
 

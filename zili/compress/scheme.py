@@ -48,9 +48,10 @@ class QuantScheme:
 
     def check_divides(self, in_features: int, where: str) -> None:
         if self.group_size is not None and in_features % self.group_size:
+            fits = [str(g) for g in (256, 128, 64, 32, 16, 8) if in_features % g == 0][:3]
             raise InvalidRequestError(
                 f"group size {self.group_size} does not divide the input dimension {in_features} of {where}; "
-                "choose a group size that divides it (e.g. 32, 64) or per-channel",
+                f"choose {', '.join(fits) + ' or ' if fits else ''}'channel' (per-channel)",
                 param="group_size")
 
     def describe(self) -> str:
