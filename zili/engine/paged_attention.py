@@ -5,6 +5,12 @@ with slot = block_id * block_size + offset. One extra block at the end (`pad_slo
 at zero: padded gather indices point there, so masked-out positions never read uninitialised
 memory (0 * NaN would poison the output).
 
+With `kv_cache_dtype="int8"` the cache stores int8 k / v plus one fp16 scale per (token, head) in
+`scales` (num_layers, 2, num_kv_heads, num_slots) (zili/layers/kv_quant.py); writes quantize the
+new tokens, reads dequantize only the gathered slots to the compute dtype. Attention over a
+segment's own new tokens uses the same int8-rounded values, so a prefix-cache hit and a miss
+attend over identical keys and values.
+
 A flat batch holds decode tokens first (sequences computing exactly one token), then prefill
 segments (several tokens of one sequence, possibly after a cached prefix or earlier chunks):
 
@@ -26,26 +32,62 @@ import torch
 import torch.nn.functional as F
 
 from zili.layers.attention import causal_mask
+from zili.layers.kv_quant import KV_SCALE_DTYPE, dequantize_kv, quantize_kv, round_trip_kv
 
 
 class PagedKVCache:
-    """The KV tensors of every layer, `num_blocks` blocks of `block_size` slots plus a zero pad block."""
+    """The KV tensors of every layer, `num_blocks` blocks of `block_size` slots plus a zero pad block.
+
+    `dtype` is the compute dtype reads return; `kv_cache_dtype` ("auto" or "int8") how k / v are stored.
+    """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str):
-        self.num_blocks, self.block_size = num_blocks, block_size
+                 dtype: torch.dtype, device: torch.device | str, kv_cache_dtype: str = "auto"):
+        self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
         self.pad_block = num_blocks
         self.pad_slot = num_blocks * block_size
         num_slots = (num_blocks + 1) * block_size
+        quantized = kv_cache_dtype == "int8"
         # empty, not zeros: on CPU zeros would touch (and commit) the whole budget up front
-        self.kv = torch.empty(num_layers, 2, num_kv_heads, num_slots, head_dim, dtype=dtype, device=device)
+        self.kv = torch.empty(num_layers, 2, num_kv_heads, num_slots, head_dim,
+                              dtype=torch.int8 if quantized else dtype, device=device)
         self.kv[:, :, :, self.pad_slot:].zero_()
+        self.scales: torch.Tensor | None = None
+        """int8 only: (num_layers, 2, num_kv_heads, num_slots) fp16 scale of each stored vector."""
+        if quantized:
+            self.scales = torch.empty(num_layers, 2, num_kv_heads, num_slots, dtype=KV_SCALE_DTYPE, device=device)
+            self.scales[:, :, :, self.pad_slot:].zero_()
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
-                        dtype: torch.dtype) -> int:
-        element_size = torch.empty((), dtype=dtype).element_size()
-        return num_layers * 2 * num_kv_heads * block_size * head_dim * element_size
+                        dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
+        vectors = num_layers * 2 * num_kv_heads * block_size  # one k and one v vector per layer, head, slot
+        if kv_cache_dtype == "int8":
+            return vectors * (head_dim + KV_SCALE_DTYPE.itemsize)  # int8 values + one scale
+        return vectors * head_dim * dtype.itemsize
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (T, Hkv, D) of new tokens at slots (T,)."""
+        for index, x in enumerate((k, v)):
+            if self.scales is None:
+                self.kv[layer, index].index_copy_(1, slots, x.transpose(0, 1))
+            else:
+                values, scales = quantize_kv(x)                                 # (T, Hkv, D), (T, Hkv)
+                self.kv[layer, index].index_copy_(1, slots, values.transpose(0, 1))
+                self.scales[layer, index].index_copy_(1, slots, scales.transpose(0, 1))
+
+    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """slots: (N,) -> keys, values (Hkv, N, D) in the compute dtype (only these slots dequantized)."""
+        kv = self.kv[layer].index_select(2, slots)                                 # (2, Hkv, N, D)
+        if self.scales is not None:
+            kv = dequantize_kv(kv, self.scales[layer].index_select(2, slots), self.dtype)
+        return kv[0], kv[1]
+
+    def as_stored(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """New tokens' k, v (T, Hkv, D) as `gather` will return them after `write`."""
+        if self.scales is None:
+            return k, v
+        return round_trip_kv(k), round_trip_kv(v)
 
 
 @dataclass
@@ -135,41 +177,39 @@ class PagedAttention:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                scale: float, sliding_window: int | None) -> torch.Tensor:
         """q: (T, Hq, D); k, v: (T, Hkv, D) -> (T, Hq, D)."""
-        md = self.metadata
-        k_cache, v_cache = self.cache.kv[layer, 0], self.cache.kv[layer, 1]  # (Hkv, slots, D)
-        k_cache.index_copy_(1, md.slot_mapping, k.transpose(0, 1))
-        v_cache.index_copy_(1, md.slot_mapping, v.transpose(0, 1))
+        md, cache = self.metadata, self.cache
+        cache.write(layer, md.slot_mapping, k, v)
         num_decode = md.num_decode_tokens
         if not md.prefills:
-            return decode_attention(q, k_cache, v_cache, md.decode_slots, md.decode_mask(sliding_window), scale)
+            return decode_attention(q, cache, layer, md.decode_slots, md.decode_mask(sliding_window), scale)
         out = torch.empty_like(q)
         if num_decode:
-            out[:num_decode] = decode_attention(q[:num_decode], k_cache, v_cache, md.decode_slots,
+            out[:num_decode] = decode_attention(q[:num_decode], cache, layer, md.decode_slots,
                                                 md.decode_mask(sliding_window), scale)
         for seg in md.prefills:
             rows = slice(seg.token_start, seg.token_end)
             if seg.context_slots is None:
-                keys, values = k[rows].transpose(0, 1), v[rows].transpose(0, 1)  # (Hkv, Tq, D)
+                keys, values = cache.as_stored(k[rows], v[rows])
+                keys, values = keys.transpose(0, 1), values.transpose(0, 1)        # (Hkv, Tq, D)
             else:
-                keys = k_cache.index_select(1, seg.context_slots)  # (Hkv, Lk, D)
-                values = v_cache.index_select(1, seg.context_slots)
+                keys, values = cache.gather(layer, seg.context_slots)            # (Hkv, Lk, D)
             out[rows] = prefill_attention(q[rows], keys, values, scale, sliding_window, seg)
         return out
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+def decode_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, slots: torch.Tensor,
                      allowed: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """One query per sequence. q: (B, Hq, D); caches (Hkv, slots, D); slots / allowed: (B, L) -> (B, Hq, D).
+    """One query per sequence. q: (B, Hq, D); slots / allowed: (B, L) -> (B, Hq, D).
 
     One batched SDPA call over the gathered, padded contexts; `enable_gqa` lets the kernel read
     each KV head once for the query heads sharing it. (Folding those heads into explicit bmm /
     einsum calls measured no faster with PyTorch 2.13 on CPU, so the fused kernel it is.)
     """
     batch, num_heads, head_dim = q.shape
-    num_kv_heads, length = k_cache.shape[0], slots.shape[1]
-    flat = slots.view(-1)
-    keys = k_cache.index_select(1, flat).view(num_kv_heads, batch, length, head_dim).transpose(0, 1)
-    values = v_cache.index_select(1, flat).view(num_kv_heads, batch, length, head_dim).transpose(0, 1)
+    length = slots.shape[1]
+    keys, values = cache.gather(layer, slots.view(-1))                                   # (Hkv, B * L, D)
+    keys = keys.view(-1, batch, length, head_dim).transpose(0, 1)                         # (B, Hkv, L, D)
+    values = values.view(-1, batch, length, head_dim).transpose(0, 1)
     mask = None if allowed is None else allowed[:, None, None, :]                        # (B, 1, 1, L)
     out = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=mask, scale=scale,
                                          enable_gqa=True)                                 # (B, Hq, 1, D)
