@@ -65,7 +65,8 @@ class LLMEngine:
         self.block_manager = BlockManager(self.plan.num_blocks, self.plan.block_size,
                                           self.config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(self.plan.scheduler, self.block_manager)
-        self.runner = ModelRunner(model, model_config, self.plan.num_blocks, self.plan.block_size)
+        self.runner = ModelRunner(model, model_config, self.plan.num_blocks, self.plan.block_size,
+                                  self.plan.kv_cache_dtype)
         self.sampler = Sampler(weights.device)
         self.output_processor = OutputProcessor(tokenizer, self.eos_token_ids, self.max_model_len)
         self.requests: dict[str, Request] = {}

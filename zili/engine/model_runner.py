@@ -34,14 +34,15 @@ class ModelOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, model_config: ModelConfig, num_blocks: int, block_size: int):
+    def __init__(self, model: nn.Module, model_config: ModelConfig, num_blocks: int, block_size: int,
+                 kv_cache_dtype: str = "auto"):
         self.model = model
         self.block_size = block_size
         weights = next(p for p in model.parameters() if p.is_floating_point())
         self.device, self.dtype = weights.device, weights.dtype
         self.kv_cache = PagedKVCache(model_config.num_hidden_layers, num_blocks, block_size,
                                      model_config.num_key_value_heads, model_config.head_dim,
-                                     self.dtype, self.device)
+                                     self.dtype, self.device, kv_cache_dtype)
 
     def _to_device(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)

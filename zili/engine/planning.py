@@ -3,7 +3,7 @@
 The one place engine defaults become numbers:
 - blocks: `num_blocks` if given, else the memory budget (`kv_cache_memory`, or
   `kv_cache_memory_fraction` of the device's free memory) divided by the bytes of one block across
-  all layers; the fractional default is capped at what `max_num_seqs` full-length sequences use;
+  all layers (int8 payload + scales with kv_cache_dtype="int8"); the fractional default is capped at what `max_num_seqs` full-length sequences use;
 - max_model_len: the requested value (never above max_position_embeddings), or the model's
   maximum lowered to what the KV cache holds; an explicit value the cache cannot hold is an error;
 - max_num_batched_tokens: 512 with chunked prefill, else max_model_len.
@@ -27,6 +27,8 @@ class EnginePlan:
     num_blocks: int
     block_size: int
     bytes_per_block: int
+    kv_cache_dtype: str
+    """"auto" (the compute dtype) or "int8"."""
     max_model_len: int
     scheduler: SchedulerConfig
     """With max_model_len and max_num_batched_tokens resolved."""
@@ -42,7 +44,8 @@ def plan_engine(config: EngineConfig, model_config: ModelConfig, dtype: torch.dt
     wanted_len = sched.max_model_len or model_max
     block_size = cache.block_size
     per_block = PagedKVCache.bytes_per_block(model_config.num_hidden_layers, block_size,
-                                            model_config.num_key_value_heads, model_config.head_dim, dtype)
+                                            model_config.num_key_value_heads, model_config.head_dim, dtype,
+                                            cache.kv_cache_dtype)
     if cache.num_blocks is not None:
         num_blocks = cache.num_blocks
     elif cache.kv_cache_memory is not None:
@@ -65,4 +68,4 @@ def plan_engine(config: EngineConfig, model_config: ModelConfig, dtype: torch.dt
         raise ConfigError(f"without chunked prefill max_num_batched_tokens ({batched}) must be >= max_model_len "
                           f"({max_model_len})")
     resolved = replace(sched, max_model_len=max_model_len, max_num_batched_tokens=batched)
-    return EnginePlan(num_blocks, block_size, per_block, max_model_len, resolved)
+    return EnginePlan(num_blocks, block_size, per_block, cache.kv_cache_dtype, max_model_len, resolved)
