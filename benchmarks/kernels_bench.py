@@ -7,12 +7,15 @@
    the layer to fill that buffer, so the weights come from DRAM as in a real decode step.
 2. Rows sweep (gate_up shape): time per call at M = 1..32 for each path, the crossover that sets
    zili.kernels.cpu_ext.MAX_KERNEL_ROWS.
-3. Whole-model batch-1 decode tok/s (benchmarks/offline_zili.py) with and without the kernels
-   (ZILI_CPU_KERNELS=0), bf16 and, where benchmarks/work/quantized/ has them, int8 / int4.
+3. Whole-model batch-1 decode tok/s through zili.LLM's engine (128 tokens after a 16-token
+   prompt, one child process per run) with and without the kernels (ZILI_CPU_KERNELS=0), bf16
+   and, where benchmarks/work/quantized/ has them, int8 / int4; "% of bound" = tok/s x weight
+   bytes / the streaming-read bandwidth measured over a buffer as large as the weights.
 
     python benchmarks/kernels_bench.py [--threads 2] [--reps 5] [--parts layers,rows,model]
 
-Timings are medians; the load average is reported because the machine may be shared.
+Timings are medians; the load average is reported because the machine may be shared. On a busy
+machine, `--threads 1 --clock cpu` times this thread's CPU time instead of wall time.
 """
 from __future__ import annotations
 
@@ -136,18 +139,42 @@ def rows_sweep(target_bytes: int, reps: int, ms: list[int], names: list[str]) ->
     return results
 
 
-def decode_tok_s(folder, kernels: bool, threads: int, reps: int, tokens: int) -> dict:
+def decode_child(folder: str, tokens: int, reps: int) -> dict:
+    """In a fresh process: batch-1 decode tok/s of `folder` through zili.LLM's engine (steps after the first token)."""
+    from zili.llm import LLM
+    from zili.sampling_params import SamplingParams
+
+    llm = LLM(folder, dtype="bfloat16", max_model_len=tokens + 64)
+    prompt = list(range(3, 19))  # a short prompt (16 tokens)
+    kernels = sorted({type(m.kernel).__name__ for m in llm.model.modules() if hasattr(m, "kernel")
+                      and isinstance(m.kernel, torch.nn.Module)})
+    samples = []
+    for rep in range(reps + 1):  # the first run warms up
+        params = SamplingParams(max_tokens=1 + tokens, temperature=0.0, ignore_eos=True)
+        request_id = llm.engine.add_request(None, prompt, params).request_id
+        produced, start = 0, None
+        while produced < 1 + tokens:
+            for output in llm.engine.step():
+                if output.request_id == request_id:
+                    produced = len(output.outputs[0].token_ids)
+            if start is None and produced >= 1:
+                start = CLOCK()
+        if rep:
+            samples.append(tokens / (CLOCK() - start))
+    return {"decode_tok_s": median(samples), "samples": samples, "quant_kernels": kernels}
+
+
+def decode_tok_s(folder, kernels: bool, args) -> dict:
     env = dict(os.environ, ZILI_CPU_KERNELS="1" if kernels else "0")
-    command = [sys.executable, str(REPO_DIR / "benchmarks" / "offline_zili.py"), "--model", str(folder),
-               "--figures", "decode", "--threads", str(threads), "--reps", str(reps),
-               "--decode-tokens", str(tokens)]
+    command = [sys.executable, __file__, "--decode-child", str(folder), "--threads", str(args.threads),
+               "--clock", args.clock, "--model-reps", str(args.model_reps), "--decode-tokens", str(args.decode_tokens)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO_DIR, timeout=3600)
     if done.returncode:
-        raise RuntimeError(f"offline_zili.py failed: {done.stderr.strip().splitlines()[-1:]}")
+        raise RuntimeError(f"decode child failed: {done.stderr.strip().splitlines()[-3:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def model_table(threads: int, reps: int, tokens: int, precisions: list[str]) -> list[dict]:
+def model_table(args, precisions: list[str]) -> list[dict]:
     folders = {"bf16": MODEL_DIR, "int8": QUANT_DIR / "int8", "int4": QUANT_DIR / "int4"}
     rows = []
     for precision in precisions:
@@ -156,12 +183,12 @@ def model_table(threads: int, reps: int, tokens: int, precisions: list[str]) -> 
             log(f"skip {precision}: no checkpoint at {folder} (benchmarks/make_checkpoint.py, zili quantize)")
             continue
         weight_bytes = safetensors_bytes_per_token(folder)
-        bandwidth = read_bandwidth(weight_bytes, threads, 5)["best_gbps"]
-        for kernels in (False, True):  # interleaved with a fresh bandwidth probe per precision
-            result = decode_tok_s(folder, kernels, threads, reps, tokens)
+        bandwidth = read_bandwidth(weight_bytes, args.threads, 5)["best_gbps"]
+        for kernels in (False, True):  # a fresh bandwidth probe per precision
+            result = decode_tok_s(folder, kernels, args)
             tok_s = result["decode_tok_s"]
             row = {"precision": precision, "zili_kernels": kernels, "decode_tok_s": tok_s,
-                   "samples": result["decode_samples"], "weight_bytes": weight_bytes,
+                   "samples": result["samples"], "quant_kernels": result["quant_kernels"], "weight_bytes": weight_bytes,
                    "bandwidth_gbps": bandwidth, "bound_tok_s": bandwidth * 1e9 / weight_bytes,
                    "pct_of_bound": 100 * tok_s * weight_bytes / (bandwidth * 1e9)}
             rows.append(row)
@@ -184,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="cpu: per-call CPU time of the (single) thread, for a machine shared with other work")
     parser.add_argument("--model-reps", type=int, default=3)
     parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--decode-child", metavar="MODEL", help=argparse.SUPPRESS)  # one model measurement
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
     torch.set_num_threads(args.threads)
@@ -192,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--clock cpu measures one thread: use --threads 1")
         global CLOCK
         CLOCK = time.thread_time
+    if args.decode_child:
+        emit(decode_child(args.decode_child, args.decode_tokens, args.model_reps))
+        return 0
     if not cpu_ext.available():
         log("zili CPU kernels unavailable on this machine; nothing to compare")
         return 1
@@ -208,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         sweep_names = names + ["zili-int4-dequant"]
         result["rows"] = rows_sweep(target, args.reps, [int(m) for m in args.rows.split(",")], sweep_names)
     if "model" in parts:
-        result["model"] = model_table(args.threads, args.model_reps, args.decode_tokens, args.precisions.split(","))
+        result["model"] = model_table(args, args.precisions.split(","))
     result["load_average_at_end"] = os.getloadavg()
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     (RESULTS_DIR / "kernels.json").write_text(json.dumps(result, indent=1))

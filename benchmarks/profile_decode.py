@@ -34,6 +34,7 @@ from common import LOG_DIR, emit, median
 # zili source file (suffix match on the stack frame's file) -> category; first match wins,
 # checked from the innermost zili frame outwards.
 CATEGORIES = (
+    ("zili/kernels/", "matmul (GEMV)"),      # zili's own CPU kernels (dense and quantized)
     ("layers/quantized", "matmul (GEMV)"),
     ("compress/", "matmul (GEMV)"),
     ("layers/linear.py", "matmul (GEMV)"),

@@ -54,3 +54,9 @@ def test_cpu_without_the_instructions_builds_nothing(fresh_load, monkeypatch):
     assert not cpu_ext.available()
     assert built == []
     assert "avx512_bf16" in cpu_ext.missing_cpu_flags()
+
+
+def test_a_build_lock_left_by_a_killed_build_does_not_block_loading(cpu_kernels, fresh_load):
+    (cpu_ext.build_directory() / "lock").touch()  # torch's lock file, as a killed build leaves it
+    assert cpu_ext.available()
+    assert not (cpu_ext.build_directory() / "lock").exists()

@@ -1,8 +1,8 @@
 """Build and load zili's C++ CPU kernels (torch.ops.zili_cpu) on first use.
 
 The sources in zili/kernels/cpu/ are compiled once per machine with PyTorch's extension tooling
-(ninja) into TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions) and reloaded from there;
-a source change triggers a rebuild. They need AVX-512 with the BF16 and VNNI extensions: on a
+(ninja) into a folder under TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions, see
+`build_directory`) and reloaded from there; a source change triggers a rebuild. They need AVX-512 with the BF16 and VNNI extensions: on a
 CPU without them nothing is built. Any build or load failure logs one warning and zili keeps
 using PyTorch's own kernels. ZILI_CPU_KERNELS=0 turns the kernels off.
 
@@ -14,9 +14,11 @@ compute-rich here; quantized weights get there through a dequantized slice at a 
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -54,6 +56,14 @@ def missing_cpu_flags() -> list[str]:
     return [name for name in ISA_FLAGS.values() if name not in flags]
 
 
+def build_directory() -> Path:
+    """Where the extension is built: under TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions)."""
+    from torch.utils import cpp_extension
+
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return Path(cpp_extension.get_default_build_root()) / f"zili_cpu_kernels-{python}-torch{torch.__version__}"
+
+
 def _build() -> None:
     """Compile (or reuse the cached build of) the extension and register torch.ops.zili_cpu."""
     from torch.utils import cpp_extension
@@ -64,14 +74,24 @@ def _build() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     except ImportError:
         pass
-    cpp_extension.load(
-        name="zili_cpu_kernels",
-        sources=[str(SOURCE_DIR / name) for name in SOURCES],
-        extra_cflags=["-O3", *ISA_FLAGS, "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-        is_python_module=False,
-        verbose=False,
-    )
+    folder = build_directory()
+    folder.mkdir(parents=True, exist_ok=True)
+    logger.info("loading zili CPU kernels from %s (compiled there on first use)", folder)
+    # One process builds at a time. flock is released when its holder dies, unlike torch's own
+    # "lock" file, which a killed build leaves behind and every later load waits on forever:
+    # holding the flock, any such file is stale.
+    with open(folder / "zili-build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        (folder / "lock").unlink(missing_ok=True)
+        cpp_extension.load(
+            name="zili_cpu_kernels",
+            sources=[str(SOURCE_DIR / name) for name in SOURCES],
+            extra_cflags=["-O3", *ISA_FLAGS, "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(folder),
+            is_python_module=False,
+            verbose=False,
+        )
 
 
 def available() -> bool:
