@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from zili.config import KV_CACHE_DTYPES
 from zili.devices import DTYPES
 
 
@@ -13,6 +14,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, optional_model: bool = 
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, xpu, ... (default: best available)")
     parser.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
                         help="compute dtype (default: bf16 where the device supports it, else fp32)")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                        help="KV cache storage: auto (the compute dtype) or int8 (per-token scales, ~2x the "
+                             "tokens per byte of bf16)")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,4 +39,4 @@ def sampling_overrides(args: argparse.Namespace) -> dict:
 def load_llm(args: argparse.Namespace):
     from zili.llm import LLM
 
-    return LLM(args.model, device=args.device, dtype=args.dtype, progress=True)
+    return LLM(args.model, device=args.device, dtype=args.dtype, progress=True, kv_cache_dtype=args.kv_cache_dtype)

@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     settings = ServeSettings(
         model=model, host=args.host, port=args.port, api_key=args.api_key,
         served_model_names=args.served_model_names, max_num_seqs=args.max_num_seqs, max_queue=args.max_queue,
-        queue_timeout_s=args.queue_timeout, kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
+        queue_timeout_s=args.queue_timeout, kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
+        max_model_len=args.max_model_len,
         max_body_bytes=args.max_body_bytes, allowed_origins=args.allowed_origins, allowed_hosts=args.allowed_hosts,
         drain_timeout_s=args.drain_timeout, in_process=args.in_process, access_log=args.access_log,
         device=args.device, dtype=None if args.dtype == "auto" else args.dtype,

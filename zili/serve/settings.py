@@ -31,6 +31,8 @@ class ServeSettings:
     """A request still queued after this long gets 503."""
     kv_cache_memory: str | None = None
     """KV cache size ("4GiB" or bytes); None lets the engine decide."""
+    kv_cache_dtype: str = "auto"
+    """KV cache storage: "auto" (the compute dtype) or "int8" (~2x the tokens per byte of bf16)."""
     max_model_len: int | None = None
     max_num_batched_tokens: int | None = None
     enable_prefix_caching: bool = True
