@@ -16,8 +16,11 @@ def test_rows_dispatch_rule(cpu_kernels):
 
 def test_environment_switch_turns_the_kernels_off(cpu_kernels, monkeypatch):
     monkeypatch.setenv("ZILI_CPU_KERNELS", "0")
+    cpu_ext.available.cache_clear()
     assert not cpu_ext.available() and not cpu_ext.use_kernel("bf16", 1)
     monkeypatch.setenv("ZILI_CPU_KERNELS", "1")
+    assert not cpu_ext.available()  # read once per process
+    cpu_ext.available.cache_clear()
     assert cpu_ext.available()
 
 
@@ -25,8 +28,10 @@ def test_environment_switch_turns_the_kernels_off(cpu_kernels, monkeypatch):
 def fresh_load():
     """Forget the cached load result before and after (a later load finds the cached build)."""
     cpu_ext._loaded.cache_clear()
+    cpu_ext.available.cache_clear()
     yield
     cpu_ext._loaded.cache_clear()
+    cpu_ext.available.cache_clear()
 
 
 def test_build_failure_logs_one_warning_and_falls_back(fresh_load, monkeypatch, caplog):

@@ -8,6 +8,7 @@ of slack) and, for bf16 outputs, one final rounding (relative 2**-9, bounded her
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import kernels_off
 
 from zili.kernels.dense import dense_linear
 from zili.layers.linear import Linear
@@ -85,7 +86,7 @@ def test_dense_linear_takes_decode_sized_bf16_inputs_only(cpu_kernels, monkeypat
     assert dense_linear(x.requires_grad_(), w, b) is None                       # autograd needs F.linear
     with torch.no_grad():
         assert dense_linear(x, w, b) is not None
-    monkeypatch.setenv("ZILI_CPU_KERNELS", "0")
+    kernels_off(monkeypatch)
     assert dense_linear(x.detach(), w, b) is None
 
 
@@ -98,7 +99,7 @@ def test_linear_layer_uses_the_kernel_and_keeps_its_contract(cpu_kernels, monkey
     x = torch.randn(1, 96).bfloat16()
     with torch.inference_mode():
         y = layer(x)
-        monkeypatch.setenv("ZILI_CPU_KERNELS", "0")
+        kernels_off(monkeypatch)
         expected = layer(x)
     assert torch.equal(expected, F.linear(x, w, b))
     assert_within_bound(y, x, w, b, rounded_output=True)

@@ -11,6 +11,7 @@ A random tiny model in bf16 has many near-ties among its logits (bf16 logits ste
 
 import pytest
 import torch
+from conftest import kernels_off
 from tiny_models import make_checkpoint, random_tokens, zili_greedy, zili_logits
 
 from zili.compress.rtn import rtn_quantize
@@ -56,11 +57,9 @@ def decode_logits(model, prompt: list[int], continuation: list[int]) -> torch.Te
 
 
 def without_kernels(monkeypatch, fn, *args):
-    monkeypatch.setenv("ZILI_CPU_KERNELS", "0")
-    try:
+    with monkeypatch.context() as patch:
+        kernels_off(patch)
         return fn(*args)
-    finally:
-        monkeypatch.delenv("ZILI_CPU_KERNELS")
 
 
 @pytest.fixture(params=[None, 8, 4], ids=["bf16", "int8", "int4"])

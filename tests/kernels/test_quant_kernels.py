@@ -8,6 +8,7 @@ rounding (1e-5 of sum |x| |W|). Activations already on each block's int8 grid ma
 
 import pytest
 import torch
+from conftest import kernels_off
 
 from zili.kernels.quant_kernels import CpuVnniInt4Kernel, CpuVnniInt8Kernel, pack_int4, unpack_int4
 from zili.layers.quantized import QuantLinear, select_kernel
@@ -154,7 +155,7 @@ def test_kernel_choice(cpu_kernels, monkeypatch):
     assert select_kernel(random_weight(8, 32, 256, 64, symmetric=False), "cpu").name == "cpu-vnni-int8"
     assert select_kernel(random_weight(4, 32, 64, 32), "cpu").name == "cpu-int4"   # groups of 32: PyTorch's
     assert not CpuVnniInt4Kernel.supports(random_weight(4, 32, 256, 128), torch.device("meta"))
-    monkeypatch.setenv("ZILI_CPU_KERNELS", "0")
+    kernels_off(monkeypatch)
     assert select_kernel(random_weight(4, 32, 256, 128), "cpu").name == "cpu-int4"
 
 

@@ -94,8 +94,10 @@ def _build() -> None:
         )
 
 
+@functools.cache
 def available() -> bool:
-    """True when torch.ops.zili_cpu is enabled (ZILI_CPU_KERNELS != "0") and loaded (built on first call)."""
+    """True when torch.ops.zili_cpu is enabled and loaded (built on the first call). ZILI_CPU_KERNELS
+    is read once per process: every linear layer of every step asks."""
     return os.environ.get("ZILI_CPU_KERNELS", "1") != "0" and _loaded()
 
 

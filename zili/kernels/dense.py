@@ -14,14 +14,20 @@ from zili.kernels import cpu_ext
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """x (..., K) @ weight (N, K).T + bias -> (..., N) through the bf16 kernel, or None where it does not apply."""
-    if (weight.dtype is not torch.bfloat16 or x.dtype is not torch.bfloat16 or weight.device.type != "cpu"
-            or x.device.type != "cpu" or x.dim() == 0 or x.shape[-1] != weight.shape[-1] or weight.shape[-1] == 0):
+    """x (..., K) @ weight (N, K).T + bias -> (..., N) through the bf16 kernel, or None where it does not apply.
+
+    Runs for every linear layer of every step: the checks are ordered cheapest first (~1 us).
+    """
+    if not (weight.dtype is torch.bfloat16 and x.dtype is torch.bfloat16 and weight.is_cpu and x.is_cpu):
+        return None
+    flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1]) if x.dim() > 0 else None
+    if flat is None or flat.shape[1] != weight.shape[1] or flat.shape[1] == 0:
+        return None
+    if not cpu_ext.use_kernel("bf16", flat.shape[0]):
         return None
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return None  # the kernel has no backward
-    rows = x.numel() // x.shape[-1]
-    if not cpu_ext.use_kernel("bf16", rows) or not weight.is_contiguous() or not (bias is None or bias.is_contiguous()):
+    if not weight.is_contiguous() or not (bias is None or bias.is_contiguous()):
         return None
-    y = cpu_ext.linear_bf16(x.reshape(rows, x.shape[-1]), weight, bias)  # (rows, N)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    y = cpu_ext.linear_bf16(flat, weight, bias)  # (rows, N)
+    return y if flat is x else y.view(*x.shape[:-1], weight.shape[0])
