@@ -146,3 +146,51 @@ def test_int8_prefix_cache_hit_and_miss_give_identical_tokens(make_engine):
     assert hits == misses
     chunked = make_engine(kv_cache_dtype="int8", enable_prefix_caching=False, max_num_batched_tokens=8)
     assert [out.token_ids for out in run_to_completion(chunked, prompts, params)] == misses
+
+
+@pytest.mark.parametrize("chunk_tokens", [None, 8], ids=["whole-prompt", "chunked"])
+def test_perplexity_backend_scores_prompts_as_the_int8_engine_does(tiny, make_engine, chunk_tokens):
+    """`zili eval perplexity --kv-cache-dtype int8` rounds k / v as the paged int8 cache does: its
+    log-probs equal the int8 engine's prompt logprobs (prompt read back from the cache in chunks or
+    attended fresh), and differ from full precision by more than that agreement."""
+    from zili.eval.full_sequence import FullSequenceAttention
+
+    prompt = prompts_of([29], seed=9)[0]
+    options = {"max_num_batched_tokens": chunk_tokens} if chunk_tokens else {}
+    engine = make_engine(kv_cache_dtype="int8", block_size=4, **options)
+    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
+    output = run_to_completion(engine, [prompt], params)[0]
+    engine_logprobs = torch.tensor([entry.logprob for entry in output.prompt_logprobs[1:]])
+
+    def full_sequence_logprobs(kv_cache_dtype):
+        with torch.inference_mode():
+            hidden = tiny.model(torch.tensor(prompt), torch.arange(len(prompt)), FullSequenceAttention(kv_cache_dtype))
+            logprobs = torch.log_softmax(tiny.model.compute_logits(hidden[:-1]), dim=-1)
+        return logprobs.gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
+
+    int8_gap = float((full_sequence_logprobs("int8") - engine_logprobs).abs().max())
+    full_gap = float((full_sequence_logprobs("auto") - engine_logprobs).abs().max())
+    assert int8_gap < 1e-4
+    assert full_gap > 10 * int8_gap
+
+
+def test_every_entry_point_passes_kv_cache_dtype(tiny_checkpoint, tmp_path, capsys):
+    from zili.cli import build_parser, main
+    from zili.commands.common import load_llm
+    from zili.serve.server import build_client
+    from zili.serve.settings import ServeSettings
+
+    args = build_parser(["generate"]).parse_args(["generate", str(tiny_checkpoint), "--kv-cache-dtype", "int8",
+                                                  "--dtype", "fp32"])
+    llm = load_llm(args)
+    assert llm.engine.config.cache.kv_cache_dtype == "int8"
+    assert llm.engine.runner.kv_cache.kv.dtype == torch.int8
+    for command in ("chat", "serve"):
+        assert build_parser([command]).parse_args([command, "--kv-cache-dtype", "int8"]).kv_cache_dtype == "int8"
+    client = build_client(ServeSettings(model=tiny_checkpoint, kv_cache_dtype="int8"))
+    assert client.config["engine_options"]["kv_cache_dtype"] == "int8"
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 4)
+    assert main(["eval", "perplexity", str(tiny_checkpoint), "--text", str(text), "--dtype", "fp32",
+                 "--kv-cache-dtype", "int8"]) == 0
+    assert capsys.readouterr().out.startswith("KV cache: int8")

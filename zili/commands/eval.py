@@ -35,7 +35,7 @@ def _evaluate(path: Path, text: str, args: argparse.Namespace):
     if args.max_tokens:
         ids = ids[: args.max_tokens]
     window = min(args.window or config.max_position_embeddings, config.max_position_embeddings, len(ids))
-    result = perplexity(model, ids, window, args.stride, progress=True)
+    result = perplexity(model, ids, window, args.stride, progress=True, kv_cache_dtype=args.kv_cache_dtype)
     del model
     gc.collect()
     return result
@@ -54,6 +54,8 @@ def run_perplexity(args: argparse.Namespace) -> int:
     if args.compare:
         rows.append((str(args.compare), _evaluate(args.compare, text, args)))
     width = max(len("model"), *(len(name) for name, _ in rows))
+    if args.kv_cache_dtype != "auto":
+        print(f"KV cache: {args.kv_cache_dtype} (k / v rounded as the engine's {args.kv_cache_dtype} cache stores them)")
     print(f"{'model':<{width}}  {'perplexity':>10}  {'tokens':>8}  {'window':>6}  {'stride':>6}  {'time':>8}")
     for name, r in rows:
         print(f"{name:<{width}}  {r.perplexity:>10.4f}  {r.tokens:>8}  {r.window:>6}  {r.stride:>6}  {r.seconds:>7.1f}s")

@@ -6,6 +6,8 @@ every token after the first is scored exactly once, with at least `window - stri
 left context. (With stride == window a window's first token has no context and is not scored.)
 
     ppl = exp(mean over scored tokens of -log p(token | preceding tokens in its window))
+
+`kv_cache_dtype="int8"` scores the model as it runs with the engine's int8 KV cache.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class PerplexityResult:
     seconds: float
     window: int
     stride: int
+    kv_cache_dtype: str = "auto"
 
 
 def window_spans(num_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
@@ -50,9 +53,10 @@ def window_spans(num_tokens: int, window: int, stride: int) -> list[tuple[int, i
 
 
 @torch.no_grad()
-def window_nll(model: nn.Module, ids: torch.Tensor, first: int) -> torch.Tensor:
+def window_nll(model: nn.Module, ids: torch.Tensor, first: int, kv_cache_dtype: str = "auto") -> torch.Tensor:
     """ids: (T,) one window -> summed NLL (fp64 scalar) of ids[first:] given their prefixes."""
-    hidden = model(ids, torch.arange(len(ids), device=ids.device), FullSequenceAttention())   # (T, hidden)
+    attention = FullSequenceAttention(kv_cache_dtype)
+    hidden = model(ids, torch.arange(len(ids), device=ids.device), attention)                # (T, hidden)
     total = torch.zeros((), dtype=torch.float64)
     for start in range(first, len(ids), LOGITS_CHUNK_TOKENS):
         end = min(start + LOGITS_CHUNK_TOKENS, len(ids))
@@ -62,7 +66,7 @@ def window_nll(model: nn.Module, ids: torch.Tensor, first: int) -> torch.Tensor:
 
 
 def perplexity(model: nn.Module, token_ids: list[int], window: int, stride: int | None = None,
-               progress: bool = False) -> PerplexityResult:
+               progress: bool = False, kv_cache_dtype: str = "auto") -> PerplexityResult:
     """Sliding-window perplexity of `model` on `token_ids`; stride defaults to half the window."""
     if len(token_ids) < 2:
         raise InvalidRequestError("the text must have at least 2 tokens to measure perplexity", param="text")
@@ -77,7 +81,8 @@ def perplexity(model: nn.Module, token_ids: list[int], window: int, stride: int 
     nll, scored = 0.0, 0
     for begin, end, first in tqdm(window_spans(len(ids), window, stride), desc="perplexity", unit="window",
                                   disable=not progress):
-        nll += float(window_nll(model, ids[begin:end], first))
+        nll += float(window_nll(model, ids[begin:end], first, kv_cache_dtype))
         scored += end - begin - first
     mean = nll / scored
-    return PerplexityResult(math.exp(mean), mean, scored, time.perf_counter() - start, window, stride)
+    return PerplexityResult(math.exp(mean), mean, scored, time.perf_counter() - start, window, stride,
+                            kv_cache_dtype)
