@@ -99,6 +99,8 @@ def test_a_budget_holds_the_exact_int8_block_count(tiny, dtype):
     ratio = plans["int8"].num_blocks / plans["auto"].num_blocks
     expected = dtype.itemsize * config.head_dim / (config.head_dim + 2)  # 1.78x bf16, 3.56x fp32 at head_dim 16
     assert ratio == pytest.approx(expected, rel=1e-3)
+    assert plans["int8"].num_kv_tokens == plans["int8"].num_blocks * 16
+    assert f"= {plans['int8'].num_kv_tokens} tokens, kv_cache_dtype=int8" in plans["int8"].describe()
     # the formula is what the cache really allocates (blocks + the pad block)
     cache = PagedKVCache(config.num_hidden_layers, 8, 16, config.num_key_value_heads, config.head_dim, dtype,
                          "cpu", "int8")

@@ -33,6 +33,17 @@ class EnginePlan:
     scheduler: SchedulerConfig
     """With max_model_len and max_num_batched_tokens resolved."""
 
+    @property
+    def num_kv_tokens(self) -> int:
+        """Tokens the KV cache holds, over all sequences."""
+        return self.num_blocks * self.block_size
+
+    def describe(self) -> str:
+        """One line for startup logs: KV capacity, storage and size."""
+        size_mib = self.num_blocks * self.bytes_per_block / 2**20
+        return (f"KV cache: {self.num_blocks} blocks x {self.block_size} = {self.num_kv_tokens} tokens, "
+                f"kv_cache_dtype={self.kv_cache_dtype}, {size_mib:.1f} MiB; max_model_len={self.max_model_len}")
+
 
 def plan_engine(config: EngineConfig, model_config: ModelConfig, dtype: torch.dtype,
                 device: torch.device) -> EnginePlan:

@@ -131,6 +131,7 @@ class Worker:
             self.send({"op": "load_error", "message": f"the model failed to load ({type(e).__name__})"})
             return False
         inner = self.engine.engine
+        log.info("%s", inner.plan.describe())
         if self.faults.engine_raise_at_token is not None:
             inner.fault_hook = self.faults.engine_hook
         self.send({"op": "ready", "info": {"max_model_len": int(inner.max_model_len),
