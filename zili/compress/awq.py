@@ -1,11 +1,13 @@
 """AWQ (Lin et al. 2023, arXiv:2306.00978): activation-aware weight quantization.
 
 Weights that meet large activations matter most. For the Linear layers sharing one input x,
-AWQ searches a per-input-channel scale s = mean|x|^alpha (alpha on a grid in [0, 1)) that
-minimizes the error of the block they feed when W becomes Q(W diag(s)) diag(s)^-1, then folds
-1/s into the op producing x (an RMSNorm weight, or the rows of the previous Linear) so the float
-model is unchanged, and W diag(s) is quantized with round-to-nearest. A second search clips each group's weight range (shrinking
-max|w| by up to half) where that lowers the group's output error, as AutoAWQ does.
+AWQ searches a per-input-channel scale s (mean|x|^alpha, alpha on a grid in [0, 1), and
+AutoAWQ's variant that also divides by the weights' relative magnitude) minimizing the error of
+the block they feed when W becomes Q(W diag(s)) diag(s)^-1, then folds 1/s into the op producing
+x (an RMSNorm weight, or the rows of the previous Linear) so the float model is unchanged, and
+W diag(s) is quantized with round-to-nearest. A second search clips each group's weight range
+(shrinking max|w| by up to half) where that lowers the group's output error, as AutoAWQ does;
+the clipping is kept only if it lowers the layer's output error on the calibration rows too.
 """
 
 from __future__ import annotations
@@ -181,8 +183,16 @@ def apply_awq(groups: list[ScaleGroup], inputs: dict[str, list[torch.Tensor]], s
     if not clip:
         return
     for group in groups:
-        rows_in = torch.cat(inputs[group.input_key])
+        x = torch.cat(inputs[group.input_key]).float()
         for lin in group.linears:
             rows = group.clip_rows or slice(0, lin.weight.shape[0])
             weight = lin.weight.data
-            weight[rows] = search_clip(rows_in, weight[rows], scheme, grid, scale_dtype).to(weight.dtype)
+            original = weight[rows].float()
+            clipped = search_clip(x, original, scheme, grid, scale_dtype)
+            # each group's clip is chosen on its own partial sums; keep the result only if the whole
+            # layer's output error drops too (with small groups it sometimes does not)
+            reference = x @ original.t()
+            errors = [(x @ fake_quantize(w, scheme, scale_dtype).t() - reference).pow(2).mean().item()
+                      for w in (original, clipped)]
+            if errors[1] < errors[0]:
+                weight[rows] = clipped.to(weight.dtype)
