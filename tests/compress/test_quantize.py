@@ -180,3 +180,19 @@ def test_calibration_windows_never_exceed_the_context(qwen_checkpoint, calib_fil
     options = QuantizeOptions(method="gptq", scheme=SMALL, calib_windows=2, calib_window_tokens=1000)
     result = quantize_model(qwen_checkpoint, tmp_path / "q", options, calib=calib_file, progress=False)
     assert result.calibration_tokens == 2 * 256   # max_position_embeddings of the tiny model
+
+
+def test_bf16_checkpoint_stays_bf16(checkpoint_factory, calib_file, tmp_path):
+    """Calibration runs in fp32, but the folder keeps the source's dtype for dense tensors and scales."""
+    from safetensors import safe_open
+
+    source = checkpoint_factory("Qwen2ForCausalLM", dtype=torch.bfloat16)
+    out = tmp_path / "q"
+    quantize_model(source, out, QuantizeOptions(method="awq", scheme=SMALL, calib_windows=2, calib_window_tokens=32),
+                   calib=calib_file, progress=False)
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        dtypes = {name: f.get_slice(name).get_dtype() for name in f.keys()}
+    assert dtypes["model.embed_tokens.weight"] == dtypes["model.layers.0.input_layernorm.weight"] == "BF16"
+    assert dtypes["model.layers.0.self_attn.q_proj.weight_scale"] == dtypes["model.layers.0.self_attn.q_proj.bias"] == "BF16"
+    assert dtypes["model.layers.0.mlp.down_proj.weight_packed"] == "I32"

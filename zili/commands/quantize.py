@@ -53,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also quantize lm_head (embeddings always stay in full precision)")
     parser.add_argument("--device", default="cpu", help="device to calibrate on (default: cpu)")
     parser.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
-                        help="compute / scale dtype (default: the checkpoint's)")
+                        help="calibration compute dtype (default: float32); weights and scales are "
+                             "saved in the checkpoint's dtype")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     parser.set_defaults(run=run)
 

@@ -135,8 +135,8 @@ def _install(model: nn.Module, parent: nn.Module, prefix: str, weights: dict[str
         setattr(model.get_submodule(owner_path) if owner_path else model, leaf, layer)
 
 
-def _dense_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every remaining parameter under its checkpoint name, fused layers split into their shards."""
+def _dense_tensors(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every remaining parameter under its checkpoint name and in `dtype`, fused layers split into shards."""
     tensors = {}
     for name, param in model.named_parameters():
         module_path, _, leaf = name.rpartition(".")
@@ -145,9 +145,9 @@ def _dense_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         sizes = getattr(module, "output_sizes", [None])
         if len(shard_names) > 1 and len(sizes) == len(shard_names):
             for shard, shard_name in enumerate(shard_names):
-                tensors[f"{shard_name}.{leaf}"] = param.data[module.shard_slice(shard)].cpu().clone()
+                tensors[f"{shard_name}.{leaf}"] = param.data[module.shard_slice(shard)].to("cpu", dtype).clone()
         else:
-            tensors[name] = param.data.cpu().contiguous()
+            tensors[name] = param.data.to("cpu", dtype).contiguous()
     return tensors
 
 
@@ -193,11 +193,14 @@ def quantize_model(model_dir: str | Path, output_dir: str | Path, options: Quant
         window_tokens = min(options.calib_window_tokens, config.max_position_embeddings)
         windows = calibration_windows(ids, window_tokens, options.calib_windows, options.seed)
 
-    compute_dtype = parse_dtype(dtype, device) if dtype not in (None, "auto") else _checkpoint_dtype(config)
+    # Calibrate in fp32 (Hessians, AWQ's folded scales and norms are computed without bf16 rounding);
+    # store in the checkpoint's own dtype, scales included.
+    compute_dtype = parse_dtype(dtype, device) if dtype not in (None, "auto") else torch.float32
+    storage_dtype = _checkpoint_dtype(config)
     model, config = load_model(model_dir, device=device, dtype=compute_dtype, progress=progress)
     if options.quantize_lm_head and config.tie_word_embeddings:  # the embedding stays dense
         model.lm_head.weight = nn.Parameter(model.model.embed_tokens.weight.data.clone(), requires_grad=False)
-    scale_dtype = compute_dtype
+    scale_dtype = storage_dtype
 
     runner = LayerwiseRunner(model, windows) if windows else None
     quantizer = _Quantizer(options, scale_dtype, runner)
@@ -214,11 +217,11 @@ def quantize_model(model_dir: str | Path, output_dir: str | Path, options: Quant
     if options.quantize_lm_head:
         _install(model, model, "", quantizer.lm_head(model), tensors, scale_dtype)
         count += 1
-    tensors.update(_dense_tensors(model))
+    tensors.update(_dense_tensors(model, storage_dtype))
 
     calibration = {"calibration_file": Path(calib).name, "calibration_tokens": runner.num_tokens} if runner else {}
     qconfig = quantization_config(options, [] if options.quantize_lm_head else ["lm_head"], calibration)
-    overrides = {"quantization_config": qconfig, "torch_dtype": str(compute_dtype).replace("torch.", "")}
+    overrides = {"quantization_config": qconfig, "torch_dtype": str(storage_dtype).replace("torch.", "")}
     if options.quantize_lm_head and config.tie_word_embeddings:
         overrides["tie_word_embeddings"] = False
     size = write_model_folder(model_dir, output_dir, tensors, overrides, overwrite)
