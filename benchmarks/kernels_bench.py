@@ -106,6 +106,21 @@ def seconds_per_call(call, states: list, x: torch.Tensor, reps: int) -> float:
     return median(samples)
 
 
+def streaming_read(num_bytes: int, reps: int) -> dict:
+    """GB/s of a float32 sum over `num_bytes` timed with CLOCK (bandwidth.read_bandwidth times wall clock)."""
+    if CLOCK is time.perf_counter:
+        return read_bandwidth(num_bytes, torch.get_num_threads(), reps)
+    buffer = torch.ones(num_bytes // 4)
+    buffer.sum()
+    rates = []
+    for _ in range(reps):
+        start = CLOCK()
+        buffer.sum()
+        rates.append(num_bytes / (CLOCK() - start) / 1e9)
+    return {"bytes": num_bytes, "threads": 1, "best_gbps": max(rates), "median_gbps": median(rates),
+            "samples_gbps": rates}
+
+
 def layer_table(target_bytes: int, reps: int, names: list[str]) -> list[dict]:
     rows = []
     for layer, (k, n) in SHAPES.items():
@@ -183,7 +198,7 @@ def model_table(args, precisions: list[str]) -> list[dict]:
             log(f"skip {precision}: no checkpoint at {folder} (benchmarks/make_checkpoint.py, zili quantize)")
             continue
         weight_bytes = safetensors_bytes_per_token(folder)
-        bandwidth = read_bandwidth(weight_bytes, args.threads, 5)["best_gbps"]
+        bandwidth = streaming_read(weight_bytes, 5)["best_gbps"]
         for kernels in (False, True):  # a fresh bandwidth probe per precision
             result = decode_tok_s(folder, kernels, args)
             tok_s = result["decode_tok_s"]
@@ -195,6 +210,28 @@ def model_table(args, precisions: list[str]) -> list[dict]:
             log(f"decode {precision} kernels={kernels}: {tok_s:.1f} tok/s "
                 f"({row['pct_of_bound']:.0f}% of {row['bound_tok_s']:.1f} tok/s bound)")
     return rows
+
+
+def markdown(result: dict) -> str:
+    """The layer and model tables of a result, as markdown."""
+    bandwidth = result["bandwidth"]["best_gbps"]
+    lines = [f"streaming read over {result['target_bytes'] / 1e6:.0f} MB: {bandwidth:.1f} GB/s "
+             f"({result['threads']} thread(s), {result['clock']} clock, load average at start "
+             f"{', '.join(f'{x:.1f}' for x in result['load_average_at_start'])})", ""]
+    if result.get("layers"):
+        names = list(dict.fromkeys(row["variant"] for row in result["layers"]))
+        lines += ["| layer (K -> N) | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for layer in dict.fromkeys(row["layer"] for row in result["layers"]):
+            rows = {row["variant"]: row for row in result["layers"] if row["layer"] == layer}
+            first = next(iter(rows.values()))
+            cells = [f"{rows[n]['gbps']:.1f} GB/s ({100 * rows[n]['gbps'] / bandwidth:.0f}%)" for n in names]
+            lines.append(f"| {layer} ({first['K']} -> {first['N']}) | " + " | ".join(cells) + " |")
+        lines.append("")
+    if result.get("model"):
+        lines += ["| precision | zili kernels | decode tok/s | % of bandwidth bound |", "|---|---|---|---|"]
+        lines += [f"| {r['precision']} | {'on' if r['zili_kernels'] else 'off'} | {r['decode_tok_s']:.1f} | "
+                  f"{r['pct_of_bound']:.0f}% of {r['bound_tok_s']:.1f} |" for r in result["model"]]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     target = args.target_bytes or (safetensors_bytes_per_token(MODEL_DIR) if MODEL_DIR.exists() else 774_000_000)
     result: dict = {"threads": args.threads, "clock": args.clock, "load_average_at_start": os.getloadavg(), "target_bytes": target}
     names = args.variants.split(",")
-    bandwidth = read_bandwidth(target, args.threads, args.reps)
+    bandwidth = streaming_read(target, args.reps)
     result["bandwidth"] = bandwidth
     log(f"read bandwidth over {target / 1e6:.0f} MB: best {bandwidth['best_gbps']:.1f} GB/s, "
         f"median {bandwidth['median_gbps']:.1f}")
@@ -243,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     result["load_average_at_end"] = os.getloadavg()
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     (RESULTS_DIR / "kernels.json").write_text(json.dumps(result, indent=1))
+    print(markdown(result), file=sys.stderr)
     emit(result)
     return 0
 

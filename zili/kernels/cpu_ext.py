@@ -36,9 +36,10 @@ ISA_FLAGS = {
     "-mavx512vnni": "avx512_vnni",
 }
 # Rows of x up to which the kernels beat PyTorch, from benchmarks/kernels_bench.py --parts rows
-# (gate_up 896 -> 9728): bf16 kernel vs oneDNN bf16 crosses between 8 and 12 rows; int8/int4
-# kernels vs dequantize + oneDNN between 32 and 64.
-MAX_KERNEL_ROWS = {"bf16": 8, "quant": 32}
+# (gate_up 896 -> 9728, one thread): the bf16 kernel vs oneDNN bf16 crosses between 8 and 12
+# rows; the int8/int4 kernels vs dequantize + oneDNN near 28 (int4: 2.1 vs 3.4 ms at 16 rows,
+# 4.2 vs 3.7 ms at 32).
+MAX_KERNEL_ROWS = {"bf16": 8, "quant": 24}
 
 
 def cpu_flags() -> set[str]:
