@@ -96,7 +96,7 @@ def torch_profile(llm, prompt_tokens: int, steps: int) -> dict:
     by_category: dict[str, float] = collections.defaultdict(float)
     by_op: dict[str, float] = collections.defaultdict(float)
     for event in prof.events():
-        if not event.name.startswith("aten::"):
+        if not event.name.startswith(("aten::", "zili_cpu::")):  # zili_cpu: zili/kernels ops
             continue
         # Python frames are events too (named 'path(line): function'); the parent chain of an op
         # is its stack, innermost first.
