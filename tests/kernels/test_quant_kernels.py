@@ -104,6 +104,8 @@ def test_bf16_activations_give_bf16_outputs(cpu_kernels):
     assert y.shape == (1, 2, 32) and y.dtype == torch.bfloat16
     error = (y.view(2, 32).double() - reference(x, weight)).abs()
     assert (error <= error_bound(x.float(), weight) + 2.0**-8 * reference(x, weight).abs()).all()
+    half = CpuVnniInt4Kernel(weight)(x.half())  # other dtypes compute in fp32
+    assert half.dtype == torch.float16 and torch.allclose(half.float(), y.float(), rtol=2e-2, atol=1e-3)
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -2,9 +2,10 @@
 
 The sources in zili/kernels/cpu/ are compiled once per machine with PyTorch's extension tooling
 (ninja) into a folder under TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions, see
-`build_directory`) and reloaded from there; a source change triggers a rebuild. They need AVX-512 with the BF16 and VNNI extensions: on a
-CPU without them nothing is built. Any build or load failure logs one warning and zili keeps
-using PyTorch's own kernels. ZILI_CPU_KERNELS=0 turns the kernels off.
+`build_directory`) and reloaded from there; a source change triggers a rebuild. They need
+AVX-512 with the BF16 and VNNI extensions: on a CPU without them nothing is built. Any build or
+load failure logs one warning and zili keeps using PyTorch's own kernels. ZILI_CPU_KERNELS=0
+(read once per process) turns the kernels off.
 
 `MAX_KERNEL_ROWS` is the one dispatch rule. The kernels read every weight once and compute with
 AVX-512 dot products, 8 rows of x at a time: they win while the weights' bytes dominate

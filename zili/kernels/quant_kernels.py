@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # zili.layers.quantized imports this module to register the k
 
 INT4_CHUNK = 128            # inputs per 64-byte packed int4 chunk
 DEQUANT_SLICE_ELEMENTS = 1 << 20  # weight elements dequantized at a time on the large-M path (2 MB in bf16)
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16)  # what the ops take; other inputs compute in fp32
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -79,8 +80,10 @@ class _VnniKernel(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.perm is not None:
             x2 = x2.index_select(-1, self.perm)
+        if x2.dtype not in COMPUTE_DTYPES:
+            x2 = x2.float()
         matmul = self.kernel_matmul if cpu_ext.use_kernel("quant", x2.shape[0]) else self.dequantized_matmul
-        return matmul(x2).reshape(*lead, self.out_features)
+        return matmul(x2).to(x.dtype).reshape(*lead, self.out_features)
 
     def kernel_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, K), small M -> (M, N): int8 activations, VNNI dot products."""
