@@ -196,3 +196,23 @@ def test_bf16_checkpoint_stays_bf16(checkpoint_factory, calib_file, tmp_path):
     assert dtypes["model.embed_tokens.weight"] == dtypes["model.layers.0.input_layernorm.weight"] == "BF16"
     assert dtypes["model.layers.0.self_attn.q_proj.weight_scale"] == dtypes["model.layers.0.self_attn.q_proj.bias"] == "BF16"
     assert dtypes["model.layers.0.mlp.down_proj.weight_packed"] == "I32"
+
+
+@pytest.mark.parametrize("method,scheme", [("rtn", QuantScheme(4, 32, True)), ("gptq", QuantScheme(8, None, True))])
+def test_transformers_reads_what_zili_writes(method, scheme, qwen_checkpoint, calib_file, tmp_path, monkeypatch):
+    """An independent end-to-end reader: transformers + compressed-tensors decompress the folder.
+    (Symmetric only: compressed-tensors 0.20 initializes asymmetric zero points with the unpacked
+    shape and then cannot load its own packed ones; their compressor's output is what zili writes,
+    see tests/compress/layouts/test_compressed_tensors_layout.py.)"""
+    from tiny_models import load_reference
+
+    out = tmp_path / "q"
+    quantize_model(qwen_checkpoint, out, QuantizeOptions(method=method, scheme=scheme, **FAST), calib=calib_file,
+                   progress=False)
+    ids = [1, 17, 42, 99, 7, 150, 33, 8]
+    with torch.no_grad():
+        expected = load_reference(out)(torch.tensor([ids])).logits[0]
+    monkeypatch.setenv("ZILI_QUANT_KERNEL", "reference")
+    model, _ = load_model(out, device="cpu", dtype=torch.float32)
+    assert isinstance(model.model.layers[0].mlp.down_proj, QuantLinear)
+    torch.testing.assert_close(last_logits(model, ids), expected[-1], rtol=1e-4, atol=1e-4)
