@@ -7,14 +7,13 @@ import time
 import uuid
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
 
 from zili.outputs import Logprob
 from zili.serve.errors import APIError
 from zili.serve.protocol import CompletionRequest
 from zili.serve.sampling import Job, check_model, check_token_ids, fit_context, invalid, sampling_params
 from zili.serve.state import ServerState, finite, get_state
-from zili.serve.streaming import DeltaTracker, SSEResponse, merged_outputs, sse_events, until_disconnect
+from zili.serve.streaming import DeltaTracker, merged_outputs, respond
 
 router = APIRouter()
 
@@ -158,13 +157,6 @@ async def create_completion(body: CompletionRequest, request: Request):
     arrival = time.monotonic()
     jobs = await _prepare(state, body)
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    if body.stream:
-        ticket = await until_disconnect(request, state.admission.acquire())
-        events = sse_events(_stream(state, body, jobs, request_id, arrival), state.settings.keepalive_s)
-        return SSEResponse(events, ticket)
-
-    async def work():
-        async with state.admission.admitted():
-            return await _collect(state, body, jobs, request_id, arrival)
-
-    return JSONResponse(await until_disconnect(request, work()))
+    return await respond(request, state, body.stream,
+                         lambda: _stream(state, body, jobs, request_id, arrival),
+                         lambda: _collect(state, body, jobs, request_id, arrival))

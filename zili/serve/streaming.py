@@ -18,7 +18,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from zili.outputs import CompletionOutput, Logprob, RequestOutput
 from zili.serve.engine_client import EngineClient
@@ -184,3 +184,17 @@ class SSEResponse(StreamingResponse):
             if self.ticket is not None:
                 self.ticket.release()
             await self.body_iterator.aclose()
+
+
+async def respond(request: Request, state, stream: bool, events, collect) -> StreamingResponse | JSONResponse:
+    """Answer one OpenAI request: `events()` as SSE (admitted before the first byte) when `stream`,
+    else `collect()` as JSON (admitted for the whole work); a client that leaves cancels either."""
+    if stream:
+        ticket = await until_disconnect(request, state.admission.acquire())
+        return SSEResponse(sse_events(events(), state.settings.keepalive_s), ticket)
+
+    async def work():
+        async with state.admission.admitted():
+            return await collect()
+
+    return JSONResponse(await until_disconnect(request, work()))
