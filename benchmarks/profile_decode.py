@@ -38,6 +38,8 @@ CATEGORIES = (
     ("layers/quantized", "matmul (GEMV)"),
     ("compress/", "matmul (GEMV)"),
     ("layers/linear.py", "matmul (GEMV)"),
+    ("kernels/dense.py", "matmul (GEMV)"),
+    ("kernels/quant_kernels.py", "matmul (GEMV)"),
     ("paged_attention.py", "attention"),
     ("layers/attention.py", "attention"),
     ("layers/rotary.py", "rotary"),
@@ -51,7 +53,7 @@ CATEGORIES = (
 OTHER = "other"
 MATMUL = "matmul (GEMV)"
 # A matmul op outside attention is a weight GEMV wherever it is called from (e.g. the lm_head).
-MATMUL_OP_MARKERS = ("aten::mm", "aten::addmm", "aten::linear", "aten::mv", "pack_mm", "gemm")
+MATMUL_OP_MARKERS = ("aten::mm", "aten::addmm", "aten::linear", "aten::mv", "pack_mm", "gemm", "gemv")
 
 
 def categorize(frames: list[str]) -> str:
@@ -96,7 +98,7 @@ def torch_profile(llm, prompt_tokens: int, steps: int) -> dict:
     by_category: dict[str, float] = collections.defaultdict(float)
     by_op: dict[str, float] = collections.defaultdict(float)
     for event in prof.events():
-        if not event.name.startswith(("aten::", "zili_cpu::")):  # zili_cpu: zili/kernels ops
+        if "::" not in event.name or ".py(" in event.name:  # ops only: aten::, zili_cpu:: (zili/kernels), ...
             continue
         # Python frames are events too (named 'path(line): function'); the parent chain of an op
         # is its stack, innermost first.
