@@ -70,23 +70,33 @@ async def one_round(base_url: str, model: str, prompts: list[str], max_tokens: i
     return {"wall_s": wall, "tokens": total, "throughput_tok_s": total / wall, "requests": requests}
 
 
-def run_load(base_url: str, model: str, streams: int, max_tokens: int, reps: int, prompt_words: int,
-             timeout_s: float = 1800.0) -> dict:
-    # warm-up: one short request so the first round does not pay one-time costs
-    asyncio.run(one_round(base_url, model, make_prompts(1, prompt_words, seed=999), 4, timeout_s))
-    rounds = [asyncio.run(one_round(base_url, model, make_prompts(streams, prompt_words, seed=rep),
-                                    max_tokens, timeout_s)) for rep in range(reps)]
+def summarize(rounds: list[dict], streams: int, max_tokens: int) -> dict:
+    """Median throughput over rounds; TTFT / TPOT percentiles pooled over every request of every round."""
     requests = [r for rnd in rounds for r in rnd["requests"]]
     ttft = [r["ttft_s"] for r in requests]
     tpot = [r["tpot_s"] for r in requests]
     return {
-        "streams": streams, "max_tokens": max_tokens, "reps": reps,
+        "streams": streams, "max_tokens": max_tokens, "reps": len(rounds),
         "throughput_tok_s": median([rnd["throughput_tok_s"] for rnd in rounds]),
         "throughput_samples": [rnd["throughput_tok_s"] for rnd in rounds],
         "tokens_per_request": sorted({r["tokens"] for r in requests}),
         "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
         "tpot_p50_s": percentile(tpot, 50), "tpot_p99_s": percentile(tpot, 99),
     }
+
+
+def run_load(base_url: str, model: str, streams: int, max_tokens: int, reps: int, prompt_words: int,
+             timeout_s: float = 1800.0, seed: int = 0, keep_requests: bool = False) -> dict:
+    """`reps` rounds of `streams` concurrent requests (prompts seeded seed, seed + 1, ...).
+    keep_requests: also return the raw rounds, so callers can pool rounds from several runs."""
+    # warm-up: one short request so the first round does not pay one-time costs
+    asyncio.run(one_round(base_url, model, make_prompts(1, prompt_words, seed=999), 4, timeout_s))
+    rounds = [asyncio.run(one_round(base_url, model, make_prompts(streams, prompt_words, seed=seed + rep),
+                                    max_tokens, timeout_s)) for rep in range(reps)]
+    result = summarize(rounds, streams, max_tokens)
+    if keep_requests:
+        result["rounds"] = [{"throughput_tok_s": r["throughput_tok_s"], "requests": r["requests"]} for r in rounds]
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,8 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--prompt-words", type=int, default=24)
+    parser.add_argument("--seed", type=int, default=0, help="prompt seed of the first round")
+    parser.add_argument("--keep-requests", action="store_true", help="include every request's timings")
     args = parser.parse_args(argv)
-    emit(run_load(args.base_url, args.model, args.streams, args.max_tokens, args.reps, args.prompt_words))
+    emit(run_load(args.base_url, args.model, args.streams, args.max_tokens, args.reps, args.prompt_words,
+                  seed=args.seed, keep_requests=args.keep_requests))
     return 0
 
 

@@ -27,7 +27,8 @@ from pathlib import Path
 import llamacpp
 import setup_peers
 from common import (GGUF_DIR, GGUF_TYPE, MODEL_DIR, PRECISIONS, QUANT_DIR, REPO_DIR, RESULTS_DIR, gguf_bytes_per_token,
-                    log, machine_description, run_child, safetensors_bytes_per_token)
+                    log, machine_description, median, run_child, safetensors_bytes_per_token)
+from load_client import summarize
 from report import headline_table, write_report
 from servers import free_port, llama_server_command, measure_server, zili_serve_command
 
@@ -90,11 +91,15 @@ class Run:
         except Exception as e:  # noqa: BLE001 - one failing part must not lose the others
             message = f"{label}: {type(e).__name__}: {e}"
             log("   " + message)
-            self.results["errors"].append(message)
+            if message not in self.results["errors"]:
+                self.results["errors"].append(message)
             return None
 
+    def node(self, engine: str, precision: str) -> dict:
+        return self.results.setdefault(engine, {}).setdefault(precision, {})
+
     def put(self, engine: str, precision: str, values: dict) -> None:
-        self.results.setdefault(engine, {}).setdefault(precision, {}).update(values)
+        self.node(engine, precision).update(values)
 
 
 def setup(args: argparse.Namespace) -> None:
@@ -198,53 +203,77 @@ def measure_bandwidth(run: Run) -> None:
                 run.results.setdefault("bandwidth", {})[precision] = bw
 
 
+def merge(node: dict, out: dict) -> None:
+    """Fold one measurement into `node`: samples accumulate (figure = their median), peak RSS is the max."""
+    for key, value in out.items():
+        if key.endswith("_samples"):
+            node.setdefault(key, []).extend(value)
+            node[key.removesuffix("_samples") + "_tok_s"] = median(node[key])
+        elif key == "peak_rss_bytes":
+            node[key] = max(node.get(key, 0), value)
+        elif key == "rounds":
+            node.setdefault(key, []).extend(value)
+        elif not key.endswith("_tok_s"):
+            node[key] = value
+
+
 def measure_offline(run: Run, peers: dict, zili_paths: dict, ggufs: dict) -> None:
+    """`reps` rounds; each round measures every engine once, so all engines see the same
+    background load (on a shared machine it drifts over minutes)."""
     args = run.args
     figures = [f for f in ("decode", "prefill", "batch") if f in args.figures]
-    common_args = ["--threads", str(args.threads), "--reps", str(args.reps), "--prefill-tokens",
-                   str(args.prefill_tokens), "--decode-tokens", str(args.decode_tokens), "--batch", str(args.streams)]
-    for precision in args.precisions:
-        if precision in zili_paths:
-            wanted = [f for f in figures if f != "batch" or precision == "bf16"]
-            out = run.step(f"zili offline {precision}", run_child, "offline_zili.py",
-                           ["--model", str(zili_paths[precision]), "--precision", precision,
-                            "--figures", ",".join(wanted), *common_args], f"zili-{precision}", 7200)
+    common_args = ["--threads", str(args.threads), "--reps", "1", "--prefill-tokens", str(args.prefill_tokens),
+                   "--decode-tokens", str(args.decode_tokens), "--batch", str(args.streams)]
+    for rep in range(1, args.reps + 1):
+        for precision in args.precisions:
+            if precision in zili_paths:
+                wanted = [f for f in figures if f != "batch" or precision == "bf16"]
+                out = run.step(f"zili offline {precision} (round {rep}/{args.reps})", run_child, "offline_zili.py",
+                               ["--model", str(zili_paths[precision]), "--precision", precision,
+                                "--figures", ",".join(wanted), *common_args], f"zili-{precision}", 7200)
+                if out:
+                    merge(run.node("zili", precision), out)
+            if precision in ggufs and {"decode", "prefill"} & set(figures):
+                out = run.step(f"llama-bench {GGUF_TYPE[precision]} (round {rep}/{args.reps})", llamacpp.bench,
+                               peers["llama-bench"], ggufs[precision], args.threads, 1, args.prefill_tokens,
+                               args.decode_tokens, set(figures))
+                if out:
+                    merge(run.node("llama.cpp", precision), out)
+        if "transformers" in args.engines and "bf16" in args.precisions:
+            out = run.step(f"transformers offline bf16 (round {rep}/{args.reps})", run_child,
+                           "offline_transformers.py",
+                           ["--model", str(MODEL_DIR), "--figures", ",".join(figures), *common_args],
+                           "transformers-bf16", 7200)
             if out:
-                run.put("zili", precision, out)
-        if precision in ggufs and {"decode", "prefill"} & set(figures):
-            out = run.step(f"llama-bench {GGUF_TYPE[precision]}", llamacpp.bench, peers["llama-bench"],
-                           ggufs[precision], args.threads, args.reps, args.prefill_tokens, args.decode_tokens,
-                           set(figures))
-            if out:
-                run.put("llama.cpp", precision, out)
-    if "transformers" in args.engines and "bf16" in args.precisions:
-        out = run.step("transformers offline bf16", run_child, "offline_transformers.py",
-                       ["--model", str(MODEL_DIR), "--figures", ",".join(figures), *common_args],
-                       "transformers-bf16", 7200)
-        if out:
-            run.put("transformers", "bf16", out)
+                merge(run.node("transformers", "bf16"), out)
 
 
 def measure_servers(run: Run, peers: dict, zili_paths: dict, ggufs: dict) -> None:
+    """`reps` rounds; each round starts every server in turn, loads it once, stops it."""
     args = run.args
-    load = (args.streams, args.decode_tokens, args.reps)
+    load = (args.streams, args.decode_tokens, 1)
     servers = run.results.setdefault("server", {})
-    for precision in args.server_precisions:
-        if precision in zili_paths:
-            port = free_port()
-            command = zili_serve_command(zili_paths[precision], port, args.streams, args.threads)
-            out = run.step(f"zili serve {precision}", measure_server, f"zili-{precision}", command, port,
-                           ("/ready", "/health"), zili_paths[precision].name, *load)
-            if out:
-                servers.setdefault("zili", {})[precision] = out
-        if precision in ggufs:
-            port = free_port()
-            command = llama_server_command(peers["llama-server"], ggufs[precision], port, args.streams,
-                                           args.threads, context_per_stream=512)
-            out = run.step(f"llama-server {GGUF_TYPE[precision]}", measure_server, f"llama-server-{precision}",
-                           command, port, ("/health",), "model", *load)
-            if out:
-                servers.setdefault("llama-server", {})[precision] = out
+    for rep in range(1, args.reps + 1):
+        for precision in args.server_precisions:
+            if precision in zili_paths:
+                port = free_port()
+                command = zili_serve_command(zili_paths[precision], port, args.streams, args.threads)
+                out = run.step(f"zili serve {precision} (round {rep}/{args.reps})", measure_server,
+                               f"zili-{precision}", command, port, ("/ready", "/health"),
+                               zili_paths[precision].name, *load, rep)
+                if out:
+                    merge(servers.setdefault("zili", {}).setdefault(precision, {}), out)
+            if precision in ggufs:
+                port = free_port()
+                command = llama_server_command(peers["llama-server"], ggufs[precision], port, args.streams,
+                                               args.threads, context_per_stream=512)
+                out = run.step(f"llama-server {GGUF_TYPE[precision]} (round {rep}/{args.reps})", measure_server,
+                               f"llama-server-{precision}", command, port, ("/health",), "model", *load, rep)
+                if out:
+                    merge(servers.setdefault("llama-server", {}).setdefault(precision, {}), out)
+    for by_precision in servers.values():  # pool the rounds of all server runs
+        for node in by_precision.values():
+            node.update(summarize(node["rounds"], args.streams, args.decode_tokens))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -86,8 +86,10 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def measure_server(name: str, command: list[str], port: int, ready_paths: tuple[str, ...], model_name: str,
-                   streams: int, max_tokens: int, reps: int, ready_timeout_s: float = 600,
+                   streams: int, max_tokens: int, reps: int, seed: int = 0, ready_timeout_s: float = 600,
                    load_timeout_s: float = 3600, env: dict | None = None) -> dict:
+    """Start the server, run `reps` load rounds (benchmarks/load_client.py), stop it. The result
+    keeps every round's requests ("rounds") so rounds of several server runs can be pooled."""
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     base_url = f"http://127.0.0.1:{port}"
     log(f"starting {name}: {' '.join(command)}")
@@ -101,7 +103,8 @@ def measure_server(name: str, command: list[str], port: int, ready_paths: tuple[
             with RssMonitor(process.pid) as rss:
                 result = run_child("load_client.py", ["--base-url", base_url, "--model", model_name,
                                                       "--streams", str(streams), "--max-tokens", str(max_tokens),
-                                                      "--reps", str(reps)],
+                                                      "--reps", str(reps), "--seed", str(seed),
+                                                      "--keep-requests"],
                                    f"load-{name}", timeout_s=load_timeout_s)
             result.update(server=name, ready_s=ready_s, peak_rss_bytes=rss.peak_bytes)
             return result
