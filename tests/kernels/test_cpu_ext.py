@@ -3,6 +3,8 @@
 import logging
 
 import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from zili.kernels import cpu_ext
 
@@ -65,3 +67,13 @@ def test_a_build_lock_left_by_a_killed_build_does_not_block_loading(cpu_kernels,
     (cpu_ext.build_directory() / "lock").touch()  # torch's lock file, as a killed build leaves it
     assert cpu_ext.available()
     assert not (cpu_ext.build_directory() / "lock").exists()
+
+
+def test_ops_have_shapes_for_tracing(cpu_kernels):
+    with FakeTensorMode():
+        x, w = torch.empty(3, 64, dtype=torch.bfloat16), torch.empty(40, 64, dtype=torch.bfloat16)
+        assert cpu_ext.linear_bf16(x, w).shape == (3, 40)
+        packed, scales = torch.empty(40, 64, dtype=torch.uint8), torch.empty(40, 2)
+        assert cpu_ext.linear_quant(x, packed, scales, scales, 4, 64).shape == (3, 40)
+        dense = cpu_ext.dequantize(packed, scales, scales, 4, 64, slice(8, 24), torch.bfloat16)
+        assert dense.shape == (16, 128) and dense.dtype == torch.bfloat16

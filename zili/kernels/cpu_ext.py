@@ -96,6 +96,19 @@ def _build() -> None:
         )
 
 
+def _register_fake_kernels() -> None:
+    """Output shapes of the ops for tracing (torch.compile, FakeTensorMode): they have no other meta kernels."""
+    def linear_shape(x, weight, *args):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    def dequantize_shape(weight, scales, zero_scales, bits, group_size, row_begin, row_end, dtype):
+        return weight.new_empty(row_end - row_begin, scales.shape[1] * group_size, dtype=dtype)
+
+    torch.library.register_fake("zili_cpu::linear_bf16", linear_shape)
+    torch.library.register_fake("zili_cpu::linear_quant", linear_shape)
+    torch.library.register_fake("zili_cpu::dequantize", dequantize_shape)
+
+
 @functools.cache
 def available() -> bool:
     """True when torch.ops.zili_cpu is enabled and loaded (built on the first call). ZILI_CPU_KERNELS
@@ -111,6 +124,7 @@ def _loaded() -> bool:
         return False
     try:
         _build()
+        _register_fake_kernels()
     except Exception as exc:  # noqa: BLE001 -- any failure means: use PyTorch's kernels
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         logger.warning("zili CPU kernels unavailable, using PyTorch kernels (%s: %s)", type(exc).__name__, first_line)
