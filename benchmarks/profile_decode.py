@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--precision", default="bf16", help="label only; the checkpoint decides")
     parser.add_argument("--py-spy", action="store_true", help="also sample with py-spy")
     parser.add_argument("--loop-only", action="store_true", help=argparse.SUPPRESS)  # py-spy's child
     args = parser.parse_args(argv)
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     walls = [median(decode_steps(llm, args.prompt_tokens, args.steps)) for _ in range(3)]
     wall_ms = median(walls) * 1e3
-    result: dict = {"engine": "zili", "precision": "bf16", "threads": args.threads,
+    result: dict = {"engine": "zili", "precision": args.precision, "threads": args.threads,
                     "wall_ms_per_token": wall_ms, "decode_tok_s": 1e3 / wall_ms}
     result["torch_profiler"] = torch_profile(llm, args.prompt_tokens, args.steps)
     ops_ms = sum(result["torch_profiler"]["op_ms_per_token"].values())

@@ -147,6 +147,18 @@ def profile_section(results: dict) -> list[str]:
     parts["host overhead (not inside any op)"] = torch_prof.get("host_overhead_ms_per_token")
     for name, ms in parts.items():
         lines.append(f"| {name} | {fmt(ms, 2)} | {fmt(ms and under and 100 * ms / under, 0, '%')} |")
+    ops_ms = sum(torch_prof.get("op_ms_per_token", {}).values())
+    gemv_ms = torch_prof.get("op_ms_per_token", {}).get("matmul (GEMV)")
+    weight_bytes = get(results, "zili", prof.get("precision", "bf16"), "bytes_per_token")
+    gbps = get(results, "bandwidth", prof.get("precision", "bf16"), "best_gbps")
+    if wall and ops_ms:
+        lines += ["", f"Without the profiler, host overhead is about wall - op time = {fmt(wall - ops_ms, 1)} ms per "
+                  "token (the profiler's own cost inflates the row above)."]
+    if gemv_ms and weight_bytes and gbps:
+        rate = weight_bytes / (gemv_ms / 1e3) / 1e9
+        lines += [f"The GEMVs read all weights ({fmt(weight_bytes / 1e6, 0)} MB) in {fmt(gemv_ms, 1)} ms: "
+                  f"{fmt(rate, 1)} GB/s, {fmt(100 * rate / gbps, 0, '%')} of the measured read bandwidth; the bound "
+                  f"for the whole step is {fmt(weight_bytes / (gbps * 1e9) * 1e3, 1)} ms."]
     top = torch_prof.get("top_ops_ms_per_token", {})
     if top:
         lines += ["", "Top ops: " + ", ".join(f"`{k}` {v:.2f} ms" for k, v in list(top.items())[:8]) + "."]
