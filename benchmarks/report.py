@@ -182,19 +182,23 @@ def _mb(num_bytes):
 
 
 def headline_table(results: dict) -> list[str]:
-    """The short table for the README: decode per precision, prefill, 16 streams."""
+    """The short table for the README: decode per precision, prefill, 16 streams, against both peers."""
     settings = results.get("settings", {})
-    header = "| figure | zili | llama.cpp | zili / llama.cpp |"
+    header = "| figure | zili | llama.cpp | zili / llama.cpp | transformers | zili / transformers |"
+    rows = [(f"decode tok/s, batch 1, {p} ({GGUF_TYPE[p]})", get(results, "zili", p, "decode_tok_s"),
+             get(results, "llama.cpp", p, "decode_tok_s"), get(results, "transformers", p, "decode_tok_s"))
+            for p in PRECISIONS]
+    rows.append((f"prefill tok/s, {settings.get('prefill_tokens', 512)} tokens, bf16",
+                 get(results, "zili", "bf16", "prefill_tok_s"), get(results, "llama.cpp", "bf16", "prefill_tok_s"),
+                 get(results, "transformers", "bf16", "prefill_tok_s")))
+    rows.append((f"throughput tok/s, {settings.get('streams', 16)} streams, bf16 (servers; transformers: "
+                 "static batch)", get(results, "server", "zili", "bf16", "throughput_tok_s"),
+                 get(results, "server", "llama-server", "bf16", "throughput_tok_s"),
+                 get(results, "transformers", "bf16", "batch_tok_s")))
     lines = [header, header_rule(header)]
-    for precision in PRECISIONS:
-        z, p = get(results, "zili", precision, "decode_tok_s"), get(results, "llama.cpp", precision, "decode_tok_s")
-        lines.append(f"| decode tok/s, batch 1, {precision} ({GGUF_TYPE[precision]}) | {fmt(z)} | {fmt(p)} | "
-                     f"{fmt(ratio(z, p), 2, 'x')} |")
-    z, p = get(results, "zili", "bf16", "prefill_tok_s"), get(results, "llama.cpp", "bf16", "prefill_tok_s")
-    lines.append(f"| prefill tok/s, {settings.get('prefill_tokens', 512)} tokens, bf16 | {fmt(z)} | {fmt(p)} | {fmt(ratio(z, p), 2, 'x')} |")
-    z = get(results, "server", "zili", "bf16", "throughput_tok_s")
-    p = get(results, "server", "llama-server", "bf16", "throughput_tok_s")
-    lines.append(f"| server tok/s, {settings.get('streams', 16)} streams, bf16 | {fmt(z)} | {fmt(p)} | {fmt(ratio(z, p), 2, 'x')} |")
+    for label, zili, peer, hf in rows:
+        lines.append(f"| {label} | {fmt(zili)} | {fmt(peer)} | {fmt(ratio(zili, peer), 2, 'x')} | {fmt(hf)} | "
+                     f"{fmt(ratio(zili, hf), 2, 'x')} |")
     return lines
 
 
@@ -239,6 +243,8 @@ def render_markdown(results: dict) -> str:
         "is fixed (EOS ignored).",
         "",
         f"**Read bandwidth** (streaming read, buffer the size of the weights): {bw_text}.",
+        "",
+        *headline_table(results),
         "",
         "![benchmarks](benchmarks.png)",
         "",
