@@ -137,7 +137,7 @@ def profile_section(results: dict) -> list[str]:
     torch_prof = prof.get("torch_profiler", {})
     wall = prof.get("wall_ms_per_token")
     under = torch_prof.get("wall_ms_per_token_under_profiler")
-    lines = [f"## Where zili's batch-1 bf16 decode time goes", "",
+    lines = ["## Where zili's batch-1 bf16 decode time goes", "",
              f"{fmt(wall, 1)} ms per token without a profiler ({fmt(prof.get('decode_tok_s'))} tok/s), "
              f"{fmt(under, 1)} ms under torch.profiler. Op self-time per token, charged to the innermost zili "
              "file on the op's Python stack; host overhead = wall time minus all op time (Python, scheduling, "
