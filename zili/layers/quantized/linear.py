@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from zili.errors import CheckpointFormatError
+from zili.layers.linear import OutputShards
 from zili.layers.quantized.kernels import select_kernel
 from zili.layers.quantized.weight import QuantizedWeight, concat_rows
 
@@ -33,16 +34,15 @@ class WeightDecoder(Protocol):
         ...
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(OutputShards, nn.Module):
     """y = x @ W.T + b with W stored quantized; W: (out_features, in_features)."""
 
     def __init__(self, in_features: int, out_features: int | list[int], bias: bool,
                  decoder: WeightDecoder | None = None, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", kernel: str | None = None):
         super().__init__()
-        self.output_sizes = list(out_features) if isinstance(out_features, (list, tuple)) else [out_features]
+        self._set_output_sizes(out_features)
         self.in_features = in_features
-        self.out_features = sum(self.output_sizes)
         self.decoder = decoder
         self.kernel_name = kernel
         self.target_device = torch.device(device)
@@ -63,19 +63,9 @@ class QuantLinear(nn.Module):
         layer.kernel = select_kernel(weight, device, kernel)
         return layer
 
-    def shard_slice(self, shard: int | None) -> slice:
-        if shard is None:
-            return slice(0, self.out_features)
-        start = sum(self.output_sizes[:shard])
-        return slice(start, start + self.output_sizes[shard])
-
     def load_weight(self, name: str, tensor: torch.Tensor, shard: int | None = None) -> None:
         if name == "bias" and self.bias is not None:
-            target = self.bias.data[self.shard_slice(shard)]
-            if tuple(target.shape) != tuple(tensor.shape):
-                raise CheckpointFormatError(
-                    f"shape mismatch for bias: checkpoint {tuple(tensor.shape)}, model expects {tuple(target.shape)}")
-            target.copy_(tensor)
+            self._copy_shard(name, self.bias, tensor, shard)
             self._bias_shards.add(shard)
             return
         if self.decoder is None or name not in (*self.decoder.required_tensors, *self.decoder.optional_tensors):
