@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
-from zili.errors import InvalidRequestError
+from zili.validation import is_finite_number, require, require_each
 
 MAX_N = 16
 MAX_LOGPROBS = 20
@@ -14,12 +13,8 @@ MAX_LOGIT_BIAS_ENTRIES = 1024
 
 
 def _check(ok: bool, param: str, message: str) -> None:
-    if not ok:
-        raise InvalidRequestError(f"{param}: {message}", param=param)
-
-
-def _finite(value: float) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """require(), with the parameter's name leading the message ("top_p: must be in (0, 1]")."""
+    require(ok, param, f"{param}: {message}")
 
 
 @dataclass
@@ -59,21 +54,20 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         _check(isinstance(self.n, int) and 1 <= self.n <= MAX_N, "n", f"must be an integer in [1, {MAX_N}]")
-        _check(_finite(self.temperature) and 0 <= self.temperature <= 2, "temperature", "must be in [0, 2]")
-        _check(_finite(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        _check(is_finite_number(self.temperature) and 0 <= self.temperature <= 2, "temperature", "must be in [0, 2]")
+        _check(is_finite_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "must be -1, 0 (disabled) or positive")
-        _check(_finite(self.min_p) and 0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            _check(_finite(value) and -2 <= value <= 2, name, "must be in [-2, 2]")
-        _check(_finite(self.repetition_penalty) and 0 < self.repetition_penalty <= 2,
+        _check(is_finite_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
+        require_each(self, ("presence_penalty", "frequency_penalty"),
+                     lambda value: is_finite_number(value) and -2 <= value <= 2, "{name}: must be in [-2, 2]")
+        _check(is_finite_number(self.repetition_penalty) and 0 < self.repetition_penalty <= 2,
                "repetition_penalty", "must be in (0, 2]")
         if self.logit_bias:
             _check(len(self.logit_bias) <= MAX_LOGIT_BIAS_ENTRIES, "logit_bias",
                    f"at most {MAX_LOGIT_BIAS_ENTRIES} entries")
             for token, bias in self.logit_bias.items():
                 _check(isinstance(token, int) and token >= 0, "logit_bias", "keys must be token ids")
-                _check(_finite(bias) and -100 <= bias <= 100, "logit_bias", "values must be in [-100, 100]")
+                _check(is_finite_number(bias) and -100 <= bias <= 100, "logit_bias", "values must be in [-100, 100]")
         _check(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)),
                "seed", "must be an integer")
         _check(len(self.stop) <= MAX_STOP_STRINGS, "stop", f"at most {MAX_STOP_STRINGS} stop strings")
@@ -83,10 +77,9 @@ class SamplingParams:
         _check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", "must be >= 0")
         _check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
                "max_tokens", "must be >= 1")
-        for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(self, name)
-            _check(value is None or (isinstance(value, int) and 0 <= value <= MAX_LOGPROBS), name,
-                   f"must be in [0, {MAX_LOGPROBS}]")
+        require_each(self, ("logprobs", "prompt_logprobs"),
+                     lambda value: value is None or (isinstance(value, int) and 0 <= value <= MAX_LOGPROBS),
+                     f"{{name}}: must be in [0, {MAX_LOGPROBS}]")
 
     @property
     def greedy(self) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from zili.errors import InvalidRequestError
+from zili.validation import require, require_each
 
 METHODS = ("rtn", "gptq", "awq")
 BITS = (4, 8)
@@ -26,12 +27,9 @@ class QuantScheme:
     """Symmetric: zero point fixed at 2**(bits-1); asymmetric: a zero point per group."""
 
     def __post_init__(self):
-        if self.bits not in BITS:
-            raise InvalidRequestError(f"bits must be 4 or 8, got {self.bits}", param="bits")
-        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size <= 0):
-            raise InvalidRequestError(
-                f"group size must be a positive integer or None (per channel), got {self.group_size!r}",
-                param="group_size")
+        require(self.bits in BITS, "bits", f"bits must be 4 or 8, got {self.bits}")
+        require(self.group_size is None or (isinstance(self.group_size, int) and self.group_size > 0), "group_size",
+                f"group size must be a positive integer or None (per channel), got {self.group_size!r}")
 
     @property
     def max_code(self) -> int:
@@ -85,14 +83,11 @@ class QuantizeOptions:
     seed: int = 0
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise InvalidRequestError(
-                f"unknown quantization method {self.method!r}; choose one of {', '.join(METHODS)}", param="method")
-        if not 0 <= self.damp_percent < 1:
-            raise InvalidRequestError("damp_percent must be in [0, 1)", param="damp_percent")
-        for name in ("block_size", "calib_windows", "calib_window_tokens", "awq_grid", "awq_max_tokens"):
-            if getattr(self, name) <= 0:
-                raise InvalidRequestError(f"{name} must be positive", param=name)
+        require(self.method in METHODS, "method",
+                f"unknown quantization method {self.method!r}; choose one of {', '.join(METHODS)}")
+        require(0 <= self.damp_percent < 1, "damp_percent", "damp_percent must be in [0, 1)")
+        require_each(self, ("block_size", "calib_windows", "calib_window_tokens", "awq_grid", "awq_max_tokens"),
+                     lambda value: value > 0, "{name} must be positive")
 
     @property
     def needs_calibration(self) -> bool:

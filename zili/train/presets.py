@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 
 from zili.errors import InvalidRequestError
+from zili.validation import require, require_each
 
 
 @dataclass(frozen=True)
@@ -44,25 +45,19 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.type in ("int", "float") and value < 0:
-                raise InvalidRequestError(f"{f.name} must not be negative (got {value})", param=f.name)
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "intermediate_size", "context_length", "batch_size",
-                     "grad_accum", "max_steps", "eval_interval", "checkpoint_interval"):
-            if getattr(self, name) < 1:
-                raise InvalidRequestError(f"{name} must be at least 1 (got {getattr(self, name)})", param=name)
-        if self.hidden_size % self.num_attention_heads:
-            raise InvalidRequestError("hidden_size must be a multiple of num_attention_heads", param="hidden_size")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise InvalidRequestError("num_attention_heads must be a multiple of num_key_value_heads",
-                                      param="num_key_value_heads")
-        if self.vocab_size < 256 + 3:
-            raise InvalidRequestError("vocab_size must cover the 256 byte tokens and 3 special tokens",
-                                      param="vocab_size")
-        if self.context_length < 2:
-            raise InvalidRequestError("context_length must be at least 2", param="context_length")
+        require_each(self, [f.name for f in fields(self) if f.type in ("int", "float")],
+                     lambda value: not value < 0, "{name} must not be negative (got {value})")
+        require_each(self, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                            "num_key_value_heads", "intermediate_size", "context_length", "batch_size",
+                            "grad_accum", "max_steps", "eval_interval", "checkpoint_interval"),
+                     lambda value: value >= 1, "{name} must be at least 1 (got {value})")
+        require(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
+                "hidden_size must be a multiple of num_attention_heads")
+        require(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
+                "num_attention_heads must be a multiple of num_key_value_heads")
+        require(self.vocab_size >= 256 + 3, "vocab_size",
+                "vocab_size must cover the 256 byte tokens and 3 special tokens")
+        require(self.context_length >= 2, "context_length", "context_length must be at least 2")
 
     @property
     def head_dim(self) -> int:
