@@ -6,6 +6,7 @@ share a process with another's.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -66,6 +67,54 @@ def run_child(script: str, args: list[str], log_name: str, timeout_s: float, nic
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"{script} failed (exit {done.returncode}); see {LOG_DIR / (log_name + '.log')}")
     return json.loads(lines[-1])
+
+
+def offline_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every offline engine script (offline_zili.py, offline_transformers.py) takes."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--prefill-tokens", type=int, default=512)
+    parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--prompt-tokens", type=int, default=16, help="short prompt before decode")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--figures", default="prefill,decode,batch")
+    return parser
+
+
+def offline_figures(args: argparse.Namespace, result: dict, prompt, prompts, token_times, timed_generate) -> None:
+    """Measure an offline engine's prefill / decode / batch figures into `result`, the same way for
+    every engine: prefill = prompt tokens / time to the first new token; decode = N / (time of new
+    token N+1 - time of new token 1) after a short prompt; batch = batch x N new tokens / wall time
+    of one generate. Each is the median of args.reps samples, the samples kept beside it.
+
+    The engine comes as four callables: prompt(length) -> one random prompt, prompts(batch, length)
+    -> a batch of them, token_times(prompt, new_tokens) -> seconds from submission to each new
+    token, timed_generate(prompts, new_tokens) -> wall seconds of one generate of the batch.
+    """
+    figures = set(args.figures.split(","))
+    token_times(prompt(8), 4)  # warm-up (and any compilation)
+    if "prefill" in figures:  # time to the first token of a long prompt
+        samples = [args.prefill_tokens / token_times(prompt(args.prefill_tokens), 1)[0] for _ in range(args.reps)]
+        result["prefill_tok_s"] = median(samples)
+        result["prefill_samples"] = samples
+    if "decode" in figures:  # the steps after the first token: 1 + N new tokens give N decode steps
+        samples = []
+        for _ in range(args.reps):
+            times = token_times(prompt(args.prompt_tokens), 1 + args.decode_tokens)
+            samples.append(args.decode_tokens / (times[-1] - times[0]))
+        result["decode_tok_s"] = median(samples)
+        result["decode_samples"] = samples
+    if "batch" in figures:
+        samples = []
+        for _ in range(args.reps):
+            batch = prompts(args.batch, args.prompt_tokens)
+            samples.append(args.batch * args.decode_tokens / timed_generate(batch, args.decode_tokens))
+        result["batch_tok_s"] = median(samples)
+        result["batch_samples"] = samples
+        result["batch"] = args.batch
+    result["peak_rss_bytes"] = peak_rss_bytes()
 
 
 def emit(result: dict) -> None:

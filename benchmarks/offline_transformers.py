@@ -8,13 +8,12 @@ fixed (EOS ignored via min_new_tokens).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 import torch
 
-from common import emit, median, peak_rss_bytes
+from common import emit, offline_figures, offline_parser
 
 
 class TokenClock:
@@ -50,17 +49,7 @@ def token_times(model, input_ids: torch.Tensor, new_tokens: int) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--prefill-tokens", type=int, default=512)
-    parser.add_argument("--decode-tokens", type=int, default=128)
-    parser.add_argument("--prompt-tokens", type=int, default=16, help="short prompt before decode")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--figures", default="prefill,decode,batch")
-    args = parser.parse_args(argv)
-    figures = set(args.figures.split(","))
+    args = offline_parser(__doc__.splitlines()[0]).parse_args(argv)
 
     from transformers import AutoModelForCausalLM
 
@@ -73,28 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         return torch.randint(3, vocab, (batch, length), generator=generator)
 
     result: dict = {"engine": "transformers", "precision": "bf16", "threads": args.threads}
-    timed_generate(model, random_ids(1, 8), 4)  # warm-up
-    if "prefill" in figures:  # time to the first token of a long prompt
-        samples = [args.prefill_tokens / token_times(model, random_ids(1, args.prefill_tokens), 1)[0]
-                   for _ in range(args.reps)]
-        result["prefill_tok_s"] = median(samples)
-        result["prefill_samples"] = samples
-    if "decode" in figures:  # the steps after the first token: 1 + N new tokens give N decode steps
-        samples = []
-        for _ in range(args.reps):
-            times = token_times(model, random_ids(1, args.prompt_tokens), 1 + args.decode_tokens)
-            samples.append(args.decode_tokens / (times[-1] - times[0]))
-        result["decode_tok_s"] = median(samples)
-        result["decode_samples"] = samples
-    if "batch" in figures:
-        samples = []
-        for _ in range(args.reps):
-            prompts = random_ids(args.batch, args.prompt_tokens)
-            samples.append(args.batch * args.decode_tokens / timed_generate(model, prompts, args.decode_tokens))
-        result["batch_tok_s"] = median(samples)
-        result["batch_samples"] = samples
-        result["batch"] = args.batch
-    result["peak_rss_bytes"] = peak_rss_bytes()
+    offline_figures(args, result, lambda length: random_ids(1, length), random_ids,
+                    lambda input_ids, new_tokens: token_times(model, input_ids, new_tokens),
+                    lambda input_ids, new_tokens: timed_generate(model, input_ids, new_tokens))
     emit(result)
     return 0
 

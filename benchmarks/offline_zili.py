@@ -9,29 +9,19 @@ The precision is the checkpoint's: a folder from `zili quantize` loads as int8 /
 """
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 import time
 
 import torch
 
-from common import emit, median, peak_rss_bytes
+from common import emit, offline_figures, offline_parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True)
+    parser = offline_parser(__doc__.splitlines()[0])
     parser.add_argument("--precision", default="bf16", help="label only; the checkpoint decides")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--prefill-tokens", type=int, default=512)
-    parser.add_argument("--decode-tokens", type=int, default=128)
-    parser.add_argument("--prompt-tokens", type=int, default=16, help="short prompt before decode")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--figures", default="prefill,decode,batch")
     args = parser.parse_args(argv)
-    figures = set(args.figures.split(","))
 
     import zili
     from zili.llm import LLM
@@ -70,28 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 
     result: dict = {"engine": "zili", "precision": args.precision, "threads": args.threads,
                     "zili_version": getattr(zili, "__version__", "?"), "load_s": load_s}
-    token_times(random_ids(8), 4)  # warm-up (and any compilation)
-    if "prefill" in figures:  # time to the first token of a long prompt
-        samples = [args.prefill_tokens / token_times(random_ids(args.prefill_tokens), 1)[0]
-                   for _ in range(args.reps)]
-        result["prefill_tok_s"] = median(samples)
-        result["prefill_samples"] = samples
-    if "decode" in figures:  # the steps after the first token: 1 + N new tokens give N decode steps
-        samples = []
-        for _ in range(args.reps):
-            times = token_times(random_ids(args.prompt_tokens), 1 + args.decode_tokens)
-            samples.append(args.decode_tokens / (times[-1] - times[0]))
-        result["decode_tok_s"] = median(samples)
-        result["decode_samples"] = samples
-    if "batch" in figures:
-        samples = []
-        for _ in range(args.reps):
-            prompts = [random_ids(args.prompt_tokens) for _ in range(args.batch)]
-            samples.append(args.batch * args.decode_tokens / timed_generate(prompts, args.decode_tokens))
-        result["batch_tok_s"] = median(samples)
-        result["batch_samples"] = samples
-        result["batch"] = args.batch
-    result["peak_rss_bytes"] = peak_rss_bytes()
+    offline_figures(args, result, random_ids, lambda batch, length: [random_ids(length) for _ in range(batch)],
+                    token_times, timed_generate)
     emit(result)
     return 0
 
