@@ -115,33 +115,31 @@ def server_logs(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("server-logs")
 
 
-@pytest.fixture(scope="session")
-def start_server_session(server_logs):
+def _server_starter(log_dir: Path):
+    """The body of the `start_server*` fixtures: yields `start(*args, model=..., env=..., ready=...)`
+    and stops every server it started when the fixture's scope ends."""
     started: list[ServerProcess] = []
 
     def start(*args: str, model: Path, env: dict | None = None, ready: bool = True) -> ServerProcess:
-        proc = ServerProcess([str(model), "--port", "0", "--dtype", "float32", *args], server_logs, env)
+        proc = ServerProcess([str(model), "--port", "0", "--dtype", "float32", *args], log_dir, env)
         started.append(proc)
         return proc.wait_ready() if ready else proc
 
     yield start
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def start_server_session(server_logs):
+    """Session-scoped: servers started here are stopped at the end of the session."""
+    yield from _server_starter(server_logs)
 
 
 @pytest.fixture
 def start_server(server_logs):
     """Function-scoped: servers started here are stopped when the test ends."""
-    started: list[ServerProcess] = []
-
-    def start(*args: str, model: Path, env: dict | None = None, ready: bool = True) -> ServerProcess:
-        proc = ServerProcess([str(model), "--port", "0", "--dtype", "float32", *args], server_logs, env)
-        started.append(proc)
-        return proc.wait_ready() if ready else proc
-
-    yield start
-    for proc in started:
-        proc.stop()
+    yield from _server_starter(server_logs)
 
 
 @pytest.fixture(scope="session")
