@@ -7,11 +7,10 @@ with the first bytes of the next, so every decoding step can end inside a charac
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2 byte -> vocab character
 
 from tiny_models import BOS_TOKEN, EOS_TOKEN, TRAINING_TEXT
 from zili.models.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -30,27 +29,12 @@ def tokenizer(tokenizer_dir) -> Tokenizer:
     return Tokenizer.from_folder(tokenizer_dir)
 
 
-@functools.lru_cache(maxsize=None)
-def byte_to_char() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map used by byte-level BPE vocabularies."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
-
-
 def byte_token(tokenizer: Tokenizer, byte: int) -> int:
-    return tokenizer.token_to_id(byte_to_char()[byte])
+    return tokenizer.token_to_id(bytes_to_unicode()[byte])
 
 
 def token_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:
-    reverse = {c: b for b, c in byte_to_char().items()}
+    reverse = {c: b for b, c in bytes_to_unicode().items()}
     return bytes(reverse[c] for c in tokenizer.id_to_token(token_id))
 
 

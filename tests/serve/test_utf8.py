@@ -13,20 +13,7 @@ import httpx
 import pytest
 from conftest import MODEL_NAME
 from tokenizers import Tokenizer
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """The GPT-2 byte-level alphabet: byte value -> the character that stands for it in the vocab."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    mapping, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            mapping[b] = chr(b)
-        else:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
+from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2 byte -> vocab character
 
 
 @pytest.fixture(scope="module")
