@@ -8,11 +8,10 @@ import uuid
 from fastapi import APIRouter, Request
 
 from zili.outputs import Logprob
-from zili.serve.errors import APIError
 from zili.serve.protocol import ChatCompletionRequest, ChatMessage
 from zili.serve.sampling import Job, check_model, fit_context, invalid, sampling_params
 from zili.serve.state import ServerState, finite, get_state
-from zili.serve.streaming import DeltaTracker, merged_outputs, respond
+from zili.serve.streaming import DeltaTracker, count_finish, merged_outputs, respond, usage
 from zili.serve.templates import render_chat
 
 router = APIRouter()
@@ -78,9 +77,7 @@ async def _collect(state: ServerState, body: ChatCompletionRequest, jobs: list[J
         final = output
     choices, completion_tokens = [], 0
     for completion in final.outputs:
-        if completion.finish_reason == "abort":
-            raise APIError(503, "the request was aborted by the server", code="aborted")
-        state.metrics.finished.labels(reason=completion.finish_reason).inc()
+        count_finish(state.metrics, completion.finish_reason)
         completion_tokens += len(completion.token_ids)
         logprobs = {"content": _logprobs_content(state, completion.logprobs or []), "refusal": None} \
             if body.logprobs else None
@@ -94,8 +91,7 @@ async def _collect(state: ServerState, body: ChatCompletionRequest, jobs: list[J
     prompt_tokens = len(jobs[0].prompt_token_ids)
     return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": body.model,
             "choices": choices, "system_fingerprint": None,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
+            "usage": usage(prompt_tokens, completion_tokens)}
 
 
 async def _stream(state: ServerState, body: ChatCompletionRequest, jobs: list[Job], request_id: str,
@@ -121,12 +117,9 @@ async def _stream(state: ServerState, body: ChatCompletionRequest, jobs: list[Jo
                 first_token_s = time.monotonic()
             if not (delta.text or delta.finish_reason or (body.logprobs and delta.logprobs) or body.return_token_ids):
                 continue  # tokens whose text is held back (partial character or stop string)
-            if delta.finish_reason == "abort":
-                raise APIError(503, "the request was aborted by the server", code="aborted")
+            count_finish(state.metrics, delta.finish_reason)
             logprobs = {"content": _logprobs_content(state, delta.logprobs or []), "refusal": None} \
                 if body.logprobs and delta.logprobs else None
-            if delta.finish_reason:
-                state.metrics.finished.labels(reason=delta.finish_reason).inc()
             choice = {"index": delta.index, "delta": {"content": delta.text} if delta.text else {},
                       "logprobs": logprobs, "finish_reason": delta.finish_reason}
             if body.return_token_ids:
@@ -137,8 +130,7 @@ async def _stream(state: ServerState, body: ChatCompletionRequest, jobs: list[Jo
     state.metrics.observe_generation(arrival, first_token_s, time.monotonic(), completion_tokens)
     if include_usage:
         prompt_tokens = len(jobs[0].prompt_token_ids)
-        yield {**chunk([]), "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                      "total_tokens": prompt_tokens + completion_tokens}}
+        yield {**chunk([]), "usage": usage(prompt_tokens, completion_tokens)}
 
 
 @router.post("/v1/chat/completions")

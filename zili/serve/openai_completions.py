@@ -9,11 +9,10 @@ import uuid
 from fastapi import APIRouter, Request
 
 from zili.outputs import Logprob
-from zili.serve.errors import APIError
 from zili.serve.protocol import CompletionRequest
 from zili.serve.sampling import Job, check_model, check_token_ids, fit_context, invalid, sampling_params
 from zili.serve.state import ServerState, finite, get_state
-from zili.serve.streaming import DeltaTracker, merged_outputs, respond
+from zili.serve.streaming import DeltaTracker, count_finish, merged_outputs, respond, usage
 
 router = APIRouter()
 
@@ -80,9 +79,7 @@ async def _collect(state: ServerState, body: CompletionRequest, jobs: list[Job],
     for job_index, job in enumerate(jobs):
         output = finals[job_index]
         for completion in output.outputs:
-            if completion.finish_reason == "abort":
-                raise APIError(503, "the request was aborted by the server", code="aborted")
-            state.metrics.finished.labels(reason=completion.finish_reason).inc()
+            count_finish(state.metrics, completion.finish_reason)
             completion_tokens += len(completion.token_ids)
             prefix = _echo_text(state, job) if body.echo else ""
             logprobs = None
@@ -99,8 +96,7 @@ async def _collect(state: ServerState, body: CompletionRequest, jobs: list[Job],
     prompt_tokens = sum(len(job.prompt_token_ids) for job in jobs)
     return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": body.model,
             "choices": choices, "system_fingerprint": None,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
+            "usage": usage(prompt_tokens, completion_tokens)}
 
 
 async def _stream(state: ServerState, body: CompletionRequest, jobs: list[Job], request_id: str, arrival: float):
@@ -125,8 +121,7 @@ async def _stream(state: ServerState, body: CompletionRequest, jobs: list[Job], 
             if not (delta.text or delta.finish_reason or body.logprobs is not None or body.return_token_ids or
                     (body.echo and delta.index not in echoed)):
                 continue  # tokens whose text is held back (partial character or stop string)
-            if delta.finish_reason == "abort":
-                raise APIError(503, "the request was aborted by the server", code="aborted")
+            count_finish(state.metrics, delta.finish_reason)
             text, logprob_entries = delta.text, list(delta.logprobs or [])
             if body.echo and delta.index not in echoed:
                 echoed.add(delta.index)
@@ -136,8 +131,6 @@ async def _stream(state: ServerState, body: CompletionRequest, jobs: list[Job], 
             if body.logprobs is not None:
                 logprobs = _logprobs_block(state, logprob_entries, offsets.get(delta.index, 0))
             offsets[delta.index] = offsets.get(delta.index, 0) + len(text)
-            if delta.finish_reason:
-                state.metrics.finished.labels(reason=delta.finish_reason).inc()
             choice = {"index": delta.index, "text": text, "logprobs": logprobs, "finish_reason": delta.finish_reason}
             if body.return_token_ids:
                 choice["token_ids"] = list(delta.token_ids)
@@ -147,8 +140,7 @@ async def _stream(state: ServerState, body: CompletionRequest, jobs: list[Job], 
     state.metrics.observe_generation(arrival, first_token_s, time.monotonic(), completion_tokens)
     if include_usage:
         prompt_tokens = sum(len(job.prompt_token_ids) for job in jobs)
-        yield {**chunk([]), "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                      "total_tokens": prompt_tokens + completion_tokens}}
+        yield {**chunk([]), "usage": usage(prompt_tokens, completion_tokens)}
 
 
 @router.post("/v1/completions")

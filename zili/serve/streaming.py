@@ -2,7 +2,8 @@
 
 - `merged_outputs` runs each job (one engine request) in its own task and yields
   (job index, cumulative RequestOutput) in arrival order; closing it aborts every job.
-- `DeltaTracker` turns cumulative snapshots into per-choice deltas (text, token ids, logprobs).
+- `DeltaTracker` turns cumulative snapshots into per-choice deltas (text, token ids, logprobs);
+  `count_finish` and `usage` are the per-choice finish and the usage object both endpoints send.
 - `until_disconnect` runs a non-streaming request and cancels it when the client goes away.
 - `sse_events` wraps a chunk generator with keep-alive comments and the error-then-[DONE] rule;
   `SSEResponse` streams it, stops on disconnect and releases the admission ticket.
@@ -59,6 +60,20 @@ async def merged_outputs(client: EngineClient, jobs: list[Job], request_id: str
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    """The OpenAI `usage` object of a response or its last stream chunk."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def count_finish(metrics, finish_reason: str | None) -> None:
+    """A choice's finish: 503 when the server aborted it, else counted by reason (None: not finished)."""
+    if finish_reason == "abort":
+        raise APIError(503, "the request was aborted by the server", code="aborted")
+    if finish_reason:
+        metrics.finished.labels(reason=finish_reason).inc()
 
 
 @dataclass
