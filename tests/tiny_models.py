@@ -225,3 +225,18 @@ def random_tokens(vocab_size: int, length: int, seed: int) -> list[int]:
     """A seeded random token sequence."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (length,), generator=generator).tolist()
+
+
+def quantize_decoder_layers(model, bits: int, group_size: int = 64) -> None:
+    """Every Linear of the decoder layers -> QuantLinear (RTN); the lm_head stays as it is."""
+    from zili.compress.rtn import rtn_quantize
+    from zili.compress.scheme import QuantScheme
+    from zili.layers.linear import Linear
+    from zili.layers.quantized import QuantLinear
+
+    for parent in list(model.model.layers.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Linear):
+                weight = rtn_quantize(child.weight.float(), QuantScheme(bits=bits, group_size=group_size))
+                dtype = child.weight.dtype
+                setattr(parent, name, QuantLinear.from_weight(weight, child.output_sizes, child.bias, dtype))

@@ -12,12 +12,9 @@ A random tiny model in bf16 has many near-ties among its logits (bf16 logits ste
 import pytest
 import torch
 from conftest import kernels_off
-from tiny_models import make_checkpoint, random_tokens, zili_greedy, zili_logits
+from tiny_models import make_checkpoint, quantize_decoder_layers, random_tokens, zili_greedy, zili_logits
 
-from zili.compress.rtn import rtn_quantize
-from zili.compress.scheme import QuantScheme
 from zili.layers.attention import DenseKVCache
-from zili.layers.linear import Linear
 from zili.layers.quantized import QuantLinear
 from zili.models.loader import load_model
 
@@ -29,15 +26,6 @@ NEAR_TIE = 0.1       # logits
 @pytest.fixture(scope="module")
 def bf16_folder(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("kernels-model"), weight_std=0.1)
-
-
-def quantize_decoder_layers(model, bits: int) -> None:
-    """Every Linear of the decoder layers -> QuantLinear (RTN, groups of 64); the lm_head stays bf16."""
-    for parent in list(model.model.layers.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, Linear):
-                weight = rtn_quantize(child.weight.float(), QuantScheme(bits=bits, group_size=64))
-                setattr(parent, name, QuantLinear.from_weight(weight, child.output_sizes, child.bias, torch.bfloat16))
 
 
 def decode_logits(model, prompt: list[int], continuation: list[int]) -> torch.Tensor:

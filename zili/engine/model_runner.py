@@ -6,7 +6,8 @@ that need them (the last token of each sampling chunk, and prompt positions whos
 asked for). Sampling and bookkeeping live elsewhere.
 
 Batch order: single-token chunks (decodes) first, then multi-token chunks (prefills), so the
-attention backend handles all decodes in one batched call.
+attention backend handles all decodes in one batched call. A batch of decodes only goes through
+`FusedDecoder` (one C++ call per layer) where the model and cache allow it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from zili.config import ModelConfig
+from zili.engine.fused_decode import FusedDecoder
 from zili.engine.paged_attention import AttentionMetadata, PagedAttention, PagedKVCache
 from zili.engine.scheduler import SchedulerOutput
 from zili.engine.sequence import Request, Sequence
@@ -35,7 +37,7 @@ class ModelOutput:
 
 class ModelRunner:
     def __init__(self, model: nn.Module, model_config: ModelConfig, num_blocks: int, block_size: int,
-                 kv_cache_dtype: str = "auto"):
+                 kv_cache_dtype: str = "auto", fused_decode: bool = True):
         self.model = model
         self.block_size = block_size
         weights = next(p for p in model.parameters() if p.is_floating_point())
@@ -43,6 +45,7 @@ class ModelRunner:
         self.kv_cache = PagedKVCache(model_config.num_hidden_layers, num_blocks, block_size,
                                      model_config.num_key_value_heads, model_config.head_dim,
                                      self.dtype, self.device, kv_cache_dtype)
+        self.fused = FusedDecoder.build(model, self.kv_cache) if fused_decode else None
 
     def _to_device(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
@@ -70,11 +73,23 @@ class ModelRunner:
                 for p in range(max(start, len(recorded) - 1), min(end, seq.num_prompt_tokens - 1)):
                     prompt_rows.append(first_row + p - start)
                     prompt_targets.append((seq.request, p, seq.token_ids[p + 1]))
-        metadata = AttentionMetadata.build([(c.seq.block_table, c.start, c.num_tokens) for c in chunks],
-                                           self.block_size, self.kv_cache.pad_block, self.device)
-        hidden = self.model(self._to_device(input_ids), self._to_device(positions),
-                            PagedAttention(self.kv_cache, metadata))                   # (T, hidden)
+        if self.fused is not None and len(input_ids) == len(chunks):  # decodes only
+            hidden = self._fused_decode(chunks, input_ids, positions)
+        else:
+            metadata = AttentionMetadata.build([(c.seq.block_table, c.start, c.num_tokens) for c in chunks],
+                                               self.block_size, self.kv_cache.pad_block, self.device)
+            hidden = self.model(self._to_device(input_ids), self._to_device(positions),
+                                PagedAttention(self.kv_cache, metadata))               # (T, hidden)
         logits = self.model.compute_logits(hidden[self._to_device(sample_rows + prompt_rows)])
         num_samples = len(sample_rows)
         return ModelOutput(sample_seqs, logits[:num_samples], prompt_targets,
                            logits[num_samples:] if prompt_rows else None)
+
+    def _fused_decode(self, chunks, input_ids: list[int], positions: list[int]) -> torch.Tensor:
+        width = max(len(c.seq.block_table) for c in chunks)
+        pad = self.kv_cache.pad_block
+        tables = torch.tensor([c.seq.block_table + [pad] * (width - len(c.seq.block_table)) for c in chunks],
+                              dtype=torch.long)
+        lens = torch.tensor([p + 1 for p in positions], dtype=torch.long)
+        return self.fused.forward(torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
+                                  tables, lens)

@@ -27,7 +27,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).resolve().parent / "cpu"
-SOURCES = ("ops.cpp", "gemv_bf16.cpp", "gemv_quant.cpp", "dequantize.cpp")
+SOURCES = ("ops.cpp", "gemv_bf16.cpp", "gemv_quant.cpp", "dequantize.cpp", "decode_layer.cpp")
 # compiler flag -> the /proc/cpuinfo flag that says the CPU runs it
 ISA_FLAGS = {
     "-mavx512f": "avx512f",

@@ -1,0 +1,158 @@
+"""The fused C++ decoder layer (zili.engine.fused_decode) computes what the Python model computes.
+
+Oracle: the Python model over the same paged cache (zili.engine.paged_attention), itself tested
+against dense SDPA and transformers. Each case caches prompts of several lengths in scattered
+blocks through the Python model, copies the cache, then runs decode steps both ways: the hidden
+states and the k / v written into the cache must agree up to bf16 rounding (the two differ only
+in fp32 summation order and where rotary / attention round), every step reading what the
+previous one wrote.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from tiny_models import make_checkpoint, quantize_decoder_layers
+
+from zili.engine.fused_decode import FusedDecoder
+from zili.engine.paged_attention import AttentionMetadata, PagedAttention, PagedKVCache
+from zili.models.loader import load_model
+
+BLOCK_SIZE = 4
+CONTEXTS = [1, 6, 13, 4, 30]   # cached tokens per sequence before the first decode step
+DECODE_STEPS = 3
+
+CASES = {
+    "llama-gqa": ("LlamaForCausalLM", {}),
+    "llama-mha-head-dim-40": ("LlamaForCausalLM", {"num_key_value_heads": 4, "head_dim": 40}),
+    "qwen2-bias": ("Qwen2ForCausalLM", {}),
+    "qwen3-qk-norm": ("Qwen3ForCausalLM", {}),
+    "mistral-window-5": ("MistralForCausalLM", {"sliding_window": 5}),
+    "gelu-tanh-one-kv-head": ("LlamaForCausalLM", {"hidden_act": "gelu_pytorch_tanh", "num_key_value_heads": 1}),
+}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return {name: make_checkpoint(tmp_path_factory.mktemp(name), arch, weight_std=0.1, **overrides)
+            for name, (arch, overrides) in CASES.items()}
+
+
+def new_cache(config, kv_cache_dtype: str) -> PagedKVCache:
+    cache = PagedKVCache(config.num_hidden_layers, 64, BLOCK_SIZE, config.num_key_value_heads, config.head_dim,
+                         torch.bfloat16, "cpu", kv_cache_dtype)
+    cache.kv.zero_()  # slots never written compare equal
+    if cache.scales is not None:
+        cache.scales.zero_()
+    return cache
+
+
+def copy_cache(cache: PagedKVCache, kv_cache_dtype: str, config) -> PagedKVCache:
+    twin = new_cache(config, kv_cache_dtype)
+    twin.kv.copy_(cache.kv)
+    if cache.scales is not None:
+        twin.scales.copy_(cache.scales)
+    return twin
+
+
+@torch.inference_mode()
+def compare_decode(model, kv_cache_dtype: str = "auto", seed: int = 0) -> list[tuple[float, float, float]]:
+    """Per decode step: (max |fused - python| of hidden states, max |python hidden|, max |k/v difference| / max |k/v|)."""
+    config = model.config
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    free = list(range(64))
+    rng.shuffle(free)  # scattered block tables
+    tables = [[free.pop() for _ in range(-(-(n + DECODE_STEPS) // BLOCK_SIZE))] for n in CONTEXTS]
+    python_cache = new_cache(config, kv_cache_dtype)
+    prompts = [torch.randint(0, config.vocab_size, (n,), generator=gen) for n in CONTEXTS]
+    metadata = AttentionMetadata.build([(t, 0, n) for t, n in zip(tables, CONTEXTS)], BLOCK_SIZE,
+                                       python_cache.pad_block, torch.device("cpu"))
+    positions = torch.cat([torch.arange(n) for n in CONTEXTS])
+    model(torch.cat(prompts), positions, PagedAttention(python_cache, metadata))
+    fused_cache = copy_cache(python_cache, kv_cache_dtype, config)
+    fused = FusedDecoder.build(model, fused_cache)
+    assert fused is not None, "the fused decoder does not take this model"
+    results = []
+    lengths = list(CONTEXTS)
+    for _ in range(DECODE_STEPS):
+        tokens = torch.randint(0, config.vocab_size, (len(CONTEXTS),), generator=gen)
+        positions = torch.tensor(lengths)
+        metadata = AttentionMetadata.build([(t, n, 1) for t, n in zip(tables, lengths)], BLOCK_SIZE,
+                                           python_cache.pad_block, torch.device("cpu"))
+        expected = model.model(tokens, positions, PagedAttention(python_cache, metadata))
+        width = max(len(t) for t in tables)
+        block_tables = torch.tensor([t + [fused_cache.pad_block] * (width - len(t)) for t in tables])
+        got = fused.forward(tokens, positions, block_tables, positions + 1)
+        # int8 caches: compare the values the codes stand for
+        fused_kv, python_kv = (dequantized(c) for c in (fused_cache, python_cache))
+        kv_error = ((fused_kv - python_kv).abs().max() / python_kv.abs().max()).item()
+        results.append(((got.float() - expected.float()).abs().max().item(), expected.float().abs().max().item(),
+                        kv_error))
+        lengths = [n + 1 for n in lengths]
+    return results
+
+
+def dequantized(cache: PagedKVCache) -> torch.Tensor:
+    return cache.kv.float() if cache.scales is None else cache.kv.float() * cache.scales.float()[..., None]
+
+
+def load_bf16(folder):
+    model, _ = load_model(folder, dtype=torch.bfloat16)
+    return model
+
+
+def assert_agrees(results, kv_tolerance: float = 0.02) -> None:
+    for step, (error, scale, kv_error) in enumerate(results):
+        # a few bf16 ulps of the hidden states' magnitude (one ulp at 1.0 is 0.0078)
+        assert error <= 0.03 * max(scale, 1.0), f"step {step}: hidden states differ by {error} (max {scale})"
+        assert kv_error <= kv_tolerance, f"step {step}: cached k / v differ by {kv_error}"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bf16_decode_matches_the_python_model(case, folders, cpu_kernels):
+    assert_agrees(compare_decode(load_bf16(folders[case])))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_decode_matches_the_python_model(bits, folders, cpu_kernels):
+    model = load_bf16(folders["qwen2-bias"])
+    quantize_decoder_layers(model, bits)
+    # the kernels quantize activations to int8 per block: where the paths' inputs differ by a bf16 ulp
+    # (the Python layer adds the bias after rounding, the op before), a code can round to its neighbour
+    assert_agrees(compare_decode(model), kv_tolerance=0.04)
+
+
+@pytest.mark.parametrize("case", ["llama-gqa", "mistral-window-5"])
+def test_int8_kv_cache_decode_matches_the_python_model(case, folders, cpu_kernels):
+    # where bf16 inputs differ by an ulp, the int8 code may round to its neighbour: 1/127 of the vector's max
+    assert_agrees(compare_decode(load_bf16(folders[case]), kv_cache_dtype="int8"), kv_tolerance=0.03)
+
+
+def test_fused_decoder_declines_what_it_cannot_run(folders, cpu_kernels):
+    config_folder = folders["llama-gqa"]
+    fp32_model, _ = load_model(config_folder, dtype=torch.float32)
+    assert FusedDecoder.build(fp32_model, new_cache(fp32_model.config, "auto")) is None  # fp32: Python model
+    model = load_bf16(config_folder)
+    quantize_decoder_layers(model, 4)
+    model.model.layers[1].mlp.down_proj.kernel.register_buffer("perm", torch.arange(128))  # act-order
+    assert FusedDecoder.build(model, new_cache(model.config, "auto")) is None
+
+
+def test_the_engine_runs_decode_steps_through_the_fused_layers(folders, cpu_kernels, monkeypatch):
+    from tiny_models import random_tokens
+
+    from zili.llm import LLM
+    from zili.sampling_params import SamplingParams
+
+    calls = []
+    forward = FusedDecoder.forward
+    monkeypatch.setattr(FusedDecoder, "forward", lambda self, *a: calls.append(1) or forward(self, *a))
+    llm = LLM(folders["llama-gqa"], dtype="bfloat16")
+    prompts = [random_tokens(llm.config.vocab_size, n, seed) for seed, n in enumerate((3, 9, 17))]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    outputs = llm.generate(prompts, params)
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [8, 8, 8]
+    assert len(calls) >= 7, "decode steps did not go through the fused decoder"

@@ -1,0 +1,96 @@
+"""Decode steps through zili's fused C++ decoder layer (torch.ops.zili_cpu.decode_layer).
+
+A decode step computes one new token per sequence. Its time should be the time to read the
+weights once; through the Python model each of the 24 layers of a small model also costs ~50
+small PyTorch ops (norms, rotary, cache writes, gathers, attention, activation, residuals), which
+on a 2-core CPU added ~30% to a bf16 token and more to an int8 / int4 one. `FusedDecoder` runs
+each layer as one C++ call instead: the same computation (zili/kernels/cpu/decode_layer.cpp says
+where its roundings sit), the same weight kernels, attention straight from the paged cache.
+
+It applies to bf16 Llama-family models on the CPU whose linear layers are bf16 or use zili's
+VNNI int8 / int4 kernels (without act-order permutation), with a bf16 or int8 KV cache; anything
+else keeps the Python model, which stays the oracle (tests/engine/test_fused_decode.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from zili.engine.paged_attention import PagedKVCache
+from zili.kernels import cpu_ext
+from zili.kernels.quant_kernels import _VnniKernel
+from zili.layers.linear import Linear
+from zili.layers.quantized.linear import QuantLinear
+from zili.models.llama import LlamaForCausalLM
+
+# zili/kernels/cpu/decode_layer.cpp's activation codes, by the function the model's MLP calls
+ACTIVATION_CODES = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu": 2, "relu": 3}
+BF16_BITS = 16  # the op's code for a dense bf16 weight
+
+
+def _linear_args(layer: nn.Module) -> tuple[list[torch.Tensor | None], list[int]] | None:
+    """(weight, scales, zero_scales, bias), (bits, group size) of one linear layer, or None when
+    the fused op cannot run it."""
+    if isinstance(layer, Linear):
+        weight, bias = layer.weight, layer.bias
+        if weight.dtype != torch.bfloat16 or not weight.is_contiguous():
+            return None
+        return [weight, None, None, bias], [BF16_BITS, 0]
+    if isinstance(layer, QuantLinear) and isinstance(layer.kernel, _VnniKernel):
+        kernel = layer.kernel
+        if kernel.perm is not None or kernel.group_size % 64:
+            return None
+        return [kernel.weight, kernel.scales, kernel.zero_scales, layer.bias], [kernel.bits, kernel.group_size]
+    return None
+
+
+class FusedDecoder:
+    """Runs a decode-only batch through the model's layers, one C++ call per layer."""
+
+    def __init__(self, model: LlamaForCausalLM, cache: PagedKVCache, layers: list[tuple[list, list, list]]):
+        self.model = model
+        self.cache = cache
+        self.layers = layers
+
+    @classmethod
+    def build(cls, model: nn.Module, cache: PagedKVCache) -> "FusedDecoder | None":
+        """The fused decoder for this model and cache, or None where it does not apply."""
+        if not isinstance(model, LlamaForCausalLM) or cache.dtype != torch.bfloat16 or cache.kv.device.type != "cpu":
+            return None
+        config = model.config
+        act = ACTIVATION_CODES.get(config.hidden_act)
+        if act is None or not cpu_ext.available():
+            return None
+        layers = []
+        for index, layer in enumerate(model.model.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            norms = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                     attn.q_norm.weight if attn.q_norm is not None else None,
+                     attn.k_norm.weight if attn.k_norm is not None else None]
+            if any(n is not None and n.dtype != torch.bfloat16 for n in norms):
+                return None
+            tensors, codes = list(norms), []
+            for linear in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+                args = _linear_args(linear)
+                if args is None or any(t is not None and t.device.type != "cpu" for t in args[0]):
+                    return None
+                tensors += args[0]
+                codes += args[1]
+            ints = [index, attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.sliding_window or 0,
+                    cache.block_size, act, *codes]
+            layers.append((tensors, ints, [layer.input_layernorm.eps, attn.scale]))
+        return cls(model, cache, layers)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor,
+                context_lens: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions, context_lens (B,); block_tables (B, W) int64 -> final hidden states (B, H)."""
+        inner = self.model.model
+        hidden = inner.embed_tokens(input_ids).contiguous()              # (B, H), updated in place
+        cos, sin = inner.rotary_emb.cos_sin(positions, hidden.dtype)      # (B, rotary_dim)
+        kv, scales = self.cache.kv, self.cache.scales
+        op = torch.ops.zili_cpu.decode_layer
+        for tensors, ints, floats in self.layers:
+            op(hidden, tensors, ints, floats, cos, sin, kv, scales, block_tables, context_lens)
+        return inner.norm(hidden)

@@ -1,0 +1,452 @@
+// torch.ops.zili_cpu.decode_layer: one Llama-family decoder layer for a batch of decode tokens (one
+// new token per sequence), in one call.
+//
+// Batch-1 decode spends most of its time reading weights, and the kernels of kernels.h read them
+// near the bandwidth bound; what the Python layer added on top was ~50 small PyTorch ops per layer
+// (norms, rotary, cache writes, gathers, attention, activation, residual adds), each costing more
+// in dispatch than in arithmetic. Here they are plain loops over a few thousand values, and the
+// attention reads the paged cache in place (no gathered copy of the context).
+//
+// The numerics follow zili/models/llama.py with bf16 activations: RMSNorm in fp32 rounded to bf16
+// then scaled by the bf16 weight, linears with bf16 outputs, act(gate) rounded before the product
+// with up, residual adds rounded to bf16; rotary and attention compute in fp32 and round once.
+// zili/engine/fused_decode.py decides when this path applies; the Python model is its oracle.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "kernels.h"
+
+namespace zili_cpu {
+namespace {
+
+constexpr int64_t kGrainRows = 32;  // smallest slice of N worth a thread (as in ops.cpp)
+
+// --- bf16 vectors -------------------------------------------------------------------------------
+
+inline __m512 load_bf16(const uint16_t* p, __mmask16 mask = 0xffff) {
+  const __m256i h = _mm256_maskz_loadu_epi16(mask, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+inline __mmask16 tail_mask(int64_t remaining) {
+  return remaining >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << remaining) - 1);
+}
+
+inline float round_bf16(float v) { return bf16_to_float(float_to_bf16(v)); }
+
+// out = bf16(w * bf16(x * rsqrt(mean(x^2) + eps))) for each of `rows` rows of `size` values.
+void rms_norm(const uint16_t* x, int64_t ldx, int64_t rows, int64_t size, const uint16_t* w, float eps,
+              uint16_t* out, int64_t ldo) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* xr = x + r * ldx;
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t i = 0; i < size; i += 16) {
+      const __m512 v = load_bf16(xr + i, tail_mask(size - i));
+      sum = _mm512_fmadd_ps(v, v, sum);
+    }
+    const float inverse = 1.0f / std::sqrt(_mm512_reduce_add_ps(sum) / static_cast<float>(size) + eps);
+    for (int64_t i = 0; i < size; ++i) {
+      out[r * ldo + i] = float_to_bf16(bf16_to_float(w[i]) * round_bf16(bf16_to_float(xr[i]) * inverse));
+    }
+  }
+}
+
+// --- linear layers ------------------------------------------------------------------------------
+
+// One linear layer's tensors: a bf16 (N, K) weight, or quantized codes with their group scales
+// in the layout of zili/kernels/quant_kernels.py (bits 8 or 4).
+struct Linear {
+  const at::Tensor* weight = nullptr;
+  const at::Tensor* scales = nullptr;
+  const at::Tensor* zero_scales = nullptr;
+  const at::Tensor* bias = nullptr;
+  int64_t bits = 16;
+  int64_t group_size = 0;
+  int64_t out_features = 0;
+};
+
+Bias bias_of(const Linear& linear) {
+  Bias b;
+  if (linear.bias != nullptr) {
+    b.data = linear.bias->data_ptr();
+    b.is_bf16 = linear.bias->scalar_type() == at::kBFloat16;
+  }
+  return b;
+}
+
+// out (M, N) bf16 = x (M, K) bf16 @ W.T (+ bias), N split across threads.
+void run_linear(const Linear& linear, const uint16_t* x, int64_t M, int64_t K, uint16_t* out) {
+  const int64_t N = linear.out_features;
+  const Bias bias = bias_of(linear);
+  if (linear.bits == 16) {
+    const auto* w = static_cast<const uint16_t*>(linear.weight->data_ptr());
+    at::parallel_for(0, N, kGrainRows, [&](int64_t begin, int64_t end) {
+      gemv_bf16(x, K, M, K, w, bias, out, N, OutType::kBFloat16, begin, end);
+    });
+    return;
+  }
+  const int64_t group_size = linear.group_size, G = K / group_size;
+  const int64_t padded_k = linear.bits == 4 ? (K + 127) / 128 * 128 : K;
+  const int64_t block = group_size % 128 == 0 ? 128 : 64;
+  std::vector<int8_t> codes(M * padded_k);
+  std::vector<float> x_scales(M * (padded_k / 64)), group_terms(M * G);
+  quantize_rows(x, true, K, M, K, group_size, block, codes.data(), padded_k, x_scales.data(), padded_k / 64,
+                group_terms.data());
+  const QuantizedRows rows{codes.data(), padded_k, x_scales.data(), padded_k / 64, group_terms.data(), G, block};
+  const auto* w = linear.weight->data_ptr<uint8_t>();
+  const float* s = linear.scales->data_ptr<float>();
+  const float* zs = linear.zero_scales->data_ptr<float>();
+  const int bits = static_cast<int>(linear.bits);
+  at::parallel_for(0, N, kGrainRows, [&](int64_t begin, int64_t end) {
+    gemv_quant(rows, M, K, w, bits, s, zs, group_size, bias, out, N, OutType::kBFloat16, begin, end);
+  });
+}
+
+// --- activations --------------------------------------------------------------------------------
+
+enum class Activation : int64_t { kSilu = 0, kGeluTanh = 1, kGelu = 2, kRelu = 3 };
+
+float activate(Activation act, float g) {
+  switch (act) {
+    case Activation::kSilu: return g / (1.0f + std::exp(-g));
+    case Activation::kGeluTanh: {
+      const float inner = 0.7978845608028654f * (g + 0.044715f * g * g * g);
+      return 0.5f * g * (1.0f + std::tanh(inner));
+    }
+    case Activation::kGelu: return 0.5f * g * (1.0f + std::erf(g * 0.7071067811865476f));
+    case Activation::kRelu: return g > 0.0f ? g : 0.0f;
+  }
+  return g;
+}
+
+// --- attention ----------------------------------------------------------------------------------
+
+// The paged cache of zili/engine/paged_attention.py: (layers, 2 [k, v], kv_heads, slots, head_dim)
+// in bf16, or int8 with one fp16 scale per (layer, k|v, head, slot) (zili/layers/kv_quant.py).
+struct PagedCache {
+  void* data;
+  const at::Half* scales;  // nullptr for a bf16 cache
+  int64_t kv_heads, slots, head_dim, block_size;
+  int64_t layer;
+
+  int64_t vector_index(int which, int64_t head, int64_t slot) const {  // in units of vectors
+    return ((layer * 2 + which) * kv_heads + head) * slots + slot;
+  }
+  const uint16_t* bf16_vector(int which, int64_t head, int64_t slot) const {
+    return static_cast<const uint16_t*>(data) + vector_index(which, head, slot) * head_dim;
+  }
+  const int8_t* int8_vector(int which, int64_t head, int64_t slot) const {
+    return static_cast<const int8_t*>(data) + vector_index(which, head, slot) * head_dim;
+  }
+  float scale(int which, int64_t head, int64_t slot) const {
+    return static_cast<float>(scales[vector_index(which, head, slot)]);
+  }
+
+  // Store one bf16 vector (int8 cache: quantized as zili/layers/kv_quant.py does).
+  void store(int which, int64_t head, int64_t slot, const uint16_t* v) const {
+    const int64_t index = vector_index(which, head, slot);
+    if (scales == nullptr) {
+      std::copy(v, v + head_dim, static_cast<uint16_t*>(data) + index * head_dim);
+      return;
+    }
+    float amax = 0.0f;
+    for (int64_t d = 0; d < head_dim; ++d) amax = std::max(amax, std::fabs(bf16_to_float(v[d])));
+    constexpr float kScaleMin = 6.103515625e-05f, kScaleMax = 65504.0f;  // fp16 smallest normal, largest
+    const at::Half stored(std::min(std::max(amax / 127.0f, kScaleMin), kScaleMax));
+    const float s = static_cast<float>(stored);
+    int8_t* q = static_cast<int8_t*>(data) + index * head_dim;
+    for (int64_t d = 0; d < head_dim; ++d) {
+      const float r = std::nearbyint(bf16_to_float(v[d]) / s);  // round half to even, as torch.round
+      q[d] = static_cast<int8_t>(std::min(std::max(r, -127.0f), 127.0f));
+    }
+    const_cast<at::Half*>(scales)[index] = stored;
+  }
+};
+
+// dot(q, cached vector) with q in fp32.
+float dot_cached(const float* q, const PagedCache& cache, int which, int64_t head, int64_t slot) {
+  const int64_t D = cache.head_dim;
+  __m512 sum = _mm512_setzero_ps();
+  if (cache.scales == nullptr) {
+    const uint16_t* k = cache.bf16_vector(which, head, slot);
+    for (int64_t d = 0; d < D; d += 16) {
+      const __mmask16 mask = tail_mask(D - d);
+      sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, q + d), load_bf16(k + d, mask), sum);
+    }
+    return _mm512_reduce_add_ps(sum);
+  }
+  const int8_t* k = cache.int8_vector(which, head, slot);
+  for (int64_t d = 0; d < D; d += 16) {
+    const __mmask16 mask = tail_mask(D - d);
+    const __m512 kv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, k + d)));
+    sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, q + d), kv, sum);
+  }
+  return _mm512_reduce_add_ps(sum) * cache.scale(which, head, slot);
+}
+
+// acc (D fp32) += p * cached vector.
+void add_cached(float* acc, float p, const PagedCache& cache, int which, int64_t head, int64_t slot) {
+  const int64_t D = cache.head_dim;
+  if (cache.scales == nullptr) {
+    const uint16_t* v = cache.bf16_vector(which, head, slot);
+    const __m512 pv = _mm512_set1_ps(p);
+    for (int64_t d = 0; d < D; d += 16) {
+      const __mmask16 mask = tail_mask(D - d);
+      _mm512_mask_storeu_ps(acc + d, mask, _mm512_fmadd_ps(pv, load_bf16(v + d, mask), _mm512_maskz_loadu_ps(mask, acc + d)));
+    }
+    return;
+  }
+  const int8_t* v = cache.int8_vector(which, head, slot);
+  const __m512 pv = _mm512_set1_ps(p * cache.scale(which, head, slot));
+  for (int64_t d = 0; d < D; d += 16) {
+    const __mmask16 mask = tail_mask(D - d);
+    const __m512 vv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, v + d)));
+    _mm512_mask_storeu_ps(acc + d, mask, _mm512_fmadd_ps(pv, vv, _mm512_maskz_loadu_ps(mask, acc + d)));
+  }
+}
+
+struct AttentionShape {
+  int64_t q_heads, kv_heads, head_dim, rotary_dim, sliding_window;  // sliding_window 0: none
+  float scale;
+};
+
+// For every sequence b and KV head h: rotate q / k, store k / v at the sequence's new slot, then
+// attend its query heads over the sequence's context (read from the cache in place).
+// qkv: (B, (Hq + 2 Hkv) * D) bf16, modified (rotated, normed); out: (B, Hq * D) bf16.
+void attention(uint16_t* qkv, int64_t B, const AttentionShape& shape, const PagedCache& cache,
+               const uint16_t* q_norm, const uint16_t* k_norm, float eps, const at::Tensor& cos,
+               const at::Tensor& sin, const int64_t* tables, int64_t table_width, const int64_t* lens,
+               uint16_t* out) {
+  const int64_t D = shape.head_dim, Hq = shape.q_heads, Hkv = shape.kv_heads, groups = Hq / Hkv;
+  const int64_t row = (Hq + 2 * Hkv) * D, half = shape.rotary_dim / 2;
+  const auto* cos_data = static_cast<const uint16_t*>(cos.data_ptr());
+  const auto* sin_data = static_cast<const uint16_t*>(sin.data_ptr());
+  const int64_t cos_ld = cos.stride(0), sin_ld = sin.stride(0);
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q(groups * D), acc(groups * D), scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / Hkv, h = task % Hkv;
+      uint16_t* base = qkv + b * row;
+      const uint16_t* cs = cos_data + b * cos_ld;
+      const uint16_t* sn = sin_data + b * sin_ld;
+      // rotate-half rotary on the first rotary_dim channels of one head vector, in place
+      auto rotate = [&](uint16_t* v) {
+        for (int64_t i = 0; i < half; ++i) {
+          const float x1 = bf16_to_float(v[i]), x2 = bf16_to_float(v[i + half]);
+          const float c1 = bf16_to_float(cs[i]), s1 = bf16_to_float(sn[i]);
+          const float c2 = bf16_to_float(cs[i + half]), s2 = bf16_to_float(sn[i + half]);
+          v[i] = float_to_bf16(round_bf16(x1 * c1) + round_bf16(-x2 * s1));
+          v[i + half] = float_to_bf16(round_bf16(x2 * c2) + round_bf16(x1 * s2));
+        }
+      };
+      uint16_t* k = base + (Hq + h) * D;
+      uint16_t* v = base + (Hq + Hkv + h) * D;
+      if (k_norm != nullptr) rms_norm(k, D, 1, D, k_norm, eps, k, D);
+      rotate(k);
+      const int64_t length = lens[b], position = length - 1;
+      const int64_t* table = tables + b * table_width;
+      auto slot_of = [&](int64_t p) { return table[p / cache.block_size] * cache.block_size + p % cache.block_size; };
+      cache.store(0, h, slot_of(position), k);
+      cache.store(1, h, slot_of(position), v);
+      for (int64_t g = 0; g < groups; ++g) {
+        uint16_t* qh = base + (h * groups + g) * D;
+        if (q_norm != nullptr) rms_norm(qh, D, 1, D, q_norm, eps, qh, D);
+        rotate(qh);
+        for (int64_t d = 0; d < D; ++d) q[g * D + d] = bf16_to_float(qh[d]);
+      }
+      const int64_t start = shape.sliding_window > 0 ? std::max<int64_t>(0, length - shape.sliding_window) : 0;
+      const int64_t count = length - start;
+      scores.resize(groups * count);
+      std::vector<float> maxima(groups, -std::numeric_limits<float>::infinity());
+      for (int64_t j = 0; j < count; ++j) {
+        const int64_t slot = slot_of(start + j);
+        for (int64_t g = 0; g < groups; ++g) {
+          const float s = dot_cached(q.data() + g * D, cache, 0, h, slot) * shape.scale;
+          scores[g * count + j] = s;
+          maxima[g] = std::max(maxima[g], s);
+        }
+      }
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      std::vector<float> sums(groups, 0.0f);
+      for (int64_t g = 0; g < groups; ++g) {
+        for (int64_t j = 0; j < count; ++j) {
+          const float p = std::exp(scores[g * count + j] - maxima[g]);
+          scores[g * count + j] = p;
+          sums[g] += p;
+        }
+      }
+      for (int64_t j = 0; j < count; ++j) {
+        const int64_t slot = slot_of(start + j);
+        for (int64_t g = 0; g < groups; ++g) add_cached(acc.data() + g * D, scores[g * count + j], cache, 1, h, slot);
+      }
+      for (int64_t g = 0; g < groups; ++g) {
+        uint16_t* o = out + b * Hq * D + (h * groups + g) * D;
+        const float inverse = 1.0f / sums[g];
+        for (int64_t d = 0; d < D; ++d) o[d] = float_to_bf16(acc[g * D + d] * inverse);
+      }
+    }
+  });
+}
+
+// --- the op -------------------------------------------------------------------------------------
+
+const at::Tensor* optional_at(const c10::List<std::optional<at::Tensor>>& list, size_t i, std::vector<at::Tensor>& keep) {
+  const std::optional<at::Tensor> t = list.get(i);
+  if (!t.has_value()) return nullptr;
+  keep[i] = *t;
+  return &keep[i];
+}
+
+void check_bf16(const at::Tensor* t, const char* what, int64_t size) {
+  TORCH_CHECK(t != nullptr && t->scalar_type() == at::kBFloat16 && t->is_contiguous() && t->numel() == size,
+              what, " must be a contiguous bf16 tensor of ", size, " values");
+}
+
+// hidden (B, H) bf16, the residual stream, updated in place.
+// tensors: [input_norm, post_norm, q_norm?, k_norm?, then for qkv, o, gate_up, down: weight, scales?,
+//           zero_scales?, bias?]
+// ints: [layer, q_heads, kv_heads, head_dim, sliding_window (0 none), block_size, activation,
+//        then bits (16 = bf16) and group_size for qkv, o, gate_up, down]
+// floats: [rms_norm_eps, attention scale]
+// cos, sin: (B, rotary_dim) bf16; kv: the paged cache; kv_scales: its fp16 scales (int8 cache);
+// block_tables (B, W) int64; context_lens (B,) int64 (new token included).
+void decode_layer(const at::Tensor& hidden, const c10::List<std::optional<at::Tensor>>& tensors,
+                  at::IntArrayRef ints, at::ArrayRef<double> floats, const at::Tensor& cos, const at::Tensor& sin,
+                  const at::Tensor& kv, const std::optional<at::Tensor>& kv_scales, const at::Tensor& block_tables,
+                  const at::Tensor& context_lens) {
+  TORCH_CHECK(tensors.size() == 20 && ints.size() == 15 && floats.size() == 2, "decode_layer: malformed arguments");
+  TORCH_CHECK(hidden.dim() == 2 && hidden.scalar_type() == at::kBFloat16 && hidden.is_contiguous() &&
+              hidden.device().is_cpu(), "hidden must be a contiguous (B, H) bf16 CPU tensor");
+  const int64_t B = hidden.size(0), H = hidden.size(1);
+  std::vector<at::Tensor> keep(tensors.size());
+  const AttentionShape shape{ints[1], ints[2], ints[3], cos.size(1), ints[4], static_cast<float>(floats[1])};
+  const int64_t D = shape.head_dim, Hq = shape.q_heads, Hkv = shape.kv_heads;
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0 && D > 0 && shape.rotary_dim % 2 == 0 && shape.rotary_dim <= D,
+              "bad attention shape");
+  for (const at::Tensor* t : {&cos, &sin}) {
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->dim() == 2 && t->size(0) == B && t->stride(1) == 1 &&
+                t->size(1) == shape.rotary_dim, "cos / sin must be (B, rotary_dim) bf16 with unit inner stride");
+  }
+  const float eps = static_cast<float>(floats[0]);
+  const at::Tensor* input_norm = optional_at(tensors, 0, keep);
+  const at::Tensor* post_norm = optional_at(tensors, 1, keep);
+  const at::Tensor* q_norm = optional_at(tensors, 2, keep);
+  const at::Tensor* k_norm = optional_at(tensors, 3, keep);
+  check_bf16(input_norm, "input_norm", H);
+  check_bf16(post_norm, "post_norm", H);
+  if (q_norm != nullptr) check_bf16(q_norm, "q_norm", D);
+  if (k_norm != nullptr) check_bf16(k_norm, "k_norm", D);
+
+  Linear linears[4];
+  const int64_t in_features[4] = {H, Hq * D, H, -1};
+  for (int i = 0; i < 4; ++i) {
+    Linear& l = linears[i];
+    l.weight = optional_at(tensors, 4 + 4 * i, keep);
+    l.scales = optional_at(tensors, 5 + 4 * i, keep);
+    l.zero_scales = optional_at(tensors, 6 + 4 * i, keep);
+    l.bias = optional_at(tensors, 7 + 4 * i, keep);
+    l.bits = ints[7 + 2 * i];
+    l.group_size = ints[8 + 2 * i];
+    TORCH_CHECK(l.weight != nullptr && l.weight->is_contiguous() && l.weight->dim() == 2, "linear ", i,
+                ": weight must be a contiguous 2-D tensor");
+    l.out_features = l.weight->size(0);
+    if (l.bits == 16) {
+      TORCH_CHECK(l.weight->scalar_type() == at::kBFloat16, "linear ", i, ": bf16 weight expected");
+    } else {
+      TORCH_CHECK((l.bits == 8 || l.bits == 4) && l.weight->scalar_type() == at::kByte && l.scales != nullptr &&
+                  l.zero_scales != nullptr && l.group_size > 0 && l.group_size % 64 == 0,
+                  "linear ", i, ": quantized weights need uint8 codes, scales, zero_scales and a group size of 64k");
+    }
+    if (l.bias != nullptr) {
+      TORCH_CHECK(l.bias->is_contiguous() && l.bias->numel() == l.out_features &&
+                  (l.bias->scalar_type() == at::kBFloat16 || l.bias->scalar_type() == at::kFloat),
+                  "linear ", i, ": bias must be a contiguous fp32 / bf16 (N,) tensor");
+    }
+  }
+  const int64_t intermediate = linears[2].out_features / 2;
+  TORCH_CHECK(linears[0].out_features == (Hq + 2 * Hkv) * D && linears[1].out_features == H &&
+              linears[3].out_features == H && linears[2].out_features == 2 * intermediate,
+              "decode_layer: linear shapes do not match the attention / hidden sizes");
+  auto check_k = [&](const Linear& l, int64_t K) {
+    const int64_t stored = l.bits == 16 ? K : l.bits == 8 ? K : (K + 127) / 128 * 128 / 2;
+    TORCH_CHECK(l.weight->size(1) == stored && (l.bits == 16 || (K % l.group_size == 0 &&
+                l.scales->size(1) == K / l.group_size)), "decode_layer: a linear's input size does not match");
+  };
+  check_k(linears[0], in_features[0]);
+  check_k(linears[1], in_features[1]);
+  check_k(linears[2], in_features[2]);
+  check_k(linears[3], intermediate);
+
+  TORCH_CHECK(kv.dim() == 5 && kv.is_contiguous() && kv.size(1) == 2 && kv.size(2) == Hkv && kv.size(4) == D,
+              "kv cache must be a contiguous (layers, 2, kv_heads, slots, head_dim) tensor");
+  const bool int8_cache = kv_scales.has_value();
+  TORCH_CHECK(int8_cache ? kv.scalar_type() == at::kChar && kv_scales->scalar_type() == at::kHalf &&
+                               kv_scales->is_contiguous() && kv_scales->numel() == kv.numel() / D
+                         : kv.scalar_type() == at::kBFloat16, "kv cache must be bf16, or int8 with fp16 scales");
+  const int64_t layer = ints[0];
+  TORCH_CHECK(0 <= layer && layer < kv.size(0), "layer out of range");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.dim() == 2 && block_tables.size(0) == B &&
+              block_tables.is_contiguous() && context_lens.scalar_type() == at::kLong &&
+              context_lens.numel() == B && context_lens.is_contiguous(),
+              "block_tables (B, W) and context_lens (B,) must be contiguous int64");
+  const int64_t block_size = ints[5], slots = kv.size(3), width = block_tables.size(1);
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {  // every slot the attention will touch lies in the cache
+    TORCH_CHECK(lens[b] >= 1 && lens[b] <= width * block_size, "context length out of range of the block table");
+    for (int64_t i = 0; i < (lens[b] + block_size - 1) / block_size; ++i) {
+      TORCH_CHECK(0 <= tables[b * width + i] && (tables[b * width + i] + 1) * block_size <= slots,
+                  "block id out of range");
+    }
+  }
+  const PagedCache cache{kv.data_ptr(), int8_cache ? kv_scales->data_ptr<at::Half>() : nullptr, Hkv, slots, D,
+                         block_size, layer};
+  const auto activation = static_cast<Activation>(ints[6]);
+  TORCH_CHECK(ints[6] >= 0 && ints[6] <= 3, "unknown activation");
+
+  auto* x = static_cast<uint16_t*>(hidden.data_ptr());
+  std::vector<uint16_t> normed(B * H), qkv(B * linears[0].out_features), attn(B * Hq * D), projected(B * H),
+      gate_up(B * 2 * intermediate), gated(B * intermediate);
+  auto add_residual = [&](const std::vector<uint16_t>& y) {
+    for (int64_t i = 0; i < B * H; ++i) x[i] = float_to_bf16(bf16_to_float(x[i]) + bf16_to_float(y[i]));
+  };
+
+  rms_norm(x, H, B, H, static_cast<const uint16_t*>(input_norm->data_ptr()), eps, normed.data(), H);
+  run_linear(linears[0], normed.data(), B, H, qkv.data());
+  attention(qkv.data(), B, shape, cache, q_norm ? static_cast<const uint16_t*>(q_norm->data_ptr()) : nullptr,
+            k_norm ? static_cast<const uint16_t*>(k_norm->data_ptr()) : nullptr, eps, cos, sin, tables, width, lens,
+            attn.data());
+  run_linear(linears[1], attn.data(), B, Hq * D, projected.data());
+  add_residual(projected);
+
+  rms_norm(x, H, B, H, static_cast<const uint16_t*>(post_norm->data_ptr()), eps, normed.data(), H);
+  run_linear(linears[2], normed.data(), B, H, gate_up.data());
+  for (int64_t b = 0; b < B; ++b) {
+    const uint16_t* g = gate_up.data() + b * 2 * intermediate;
+    for (int64_t i = 0; i < intermediate; ++i) {
+      const float a = round_bf16(activate(activation, bf16_to_float(g[i])));
+      gated[b * intermediate + i] = float_to_bf16(a * bf16_to_float(g[intermediate + i]));
+    }
+  }
+  run_linear(linears[3], gated.data(), B, intermediate, projected.data());
+  add_residual(projected);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(zili_cpu, m) {
+  m.def("decode_layer(Tensor(a!) hidden, Tensor?[] tensors, int[] ints, float[] floats, Tensor cos, Tensor sin, "
+        "Tensor(b!) kv, Tensor(c!)? kv_scales, Tensor block_tables, Tensor context_lens) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(zili_cpu, CPU, m) { m.impl("decode_layer", &decode_layer); }
+
+}  // namespace zili_cpu
