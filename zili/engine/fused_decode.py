@@ -48,10 +48,14 @@ def _linear_args(layer: nn.Module) -> tuple[list[torch.Tensor | None], list[int]
 class FusedDecoder:
     """Runs a decode-only batch through the model's layers, one C++ call per layer."""
 
-    def __init__(self, model: LlamaForCausalLM, cache: PagedKVCache, layers: list[tuple[list, list, list]]):
+    def __init__(self, model: LlamaForCausalLM, cache: PagedKVCache, layers: list[tuple[list, list, list]],
+                 max_batch: int):
         self.model = model
         self.cache = cache
         self.layers = layers
+        self.max_batch = max_batch
+        """Most sequences per step: up to the rows where the weight kernels beat PyTorch's GEMM
+        (cpu_ext.MAX_KERNEL_ROWS); larger batches run the Python model."""
 
     @classmethod
     def build(cls, model: nn.Module, cache: PagedKVCache) -> "FusedDecoder | None":
@@ -62,7 +66,7 @@ class FusedDecoder:
         act = ACTIVATION_CODES.get(config.hidden_act)
         if act is None or not cpu_ext.available():
             return None
-        layers = []
+        layers, kinds = [], set()
         for index, layer in enumerate(model.model.layers):
             attn, mlp = layer.self_attn, layer.mlp
             norms = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
@@ -77,10 +81,11 @@ class FusedDecoder:
                     return None
                 tensors += args[0]
                 codes += args[1]
+                kinds.add("bf16" if args[1][0] == BF16_BITS else "quant")
             ints = [index, attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.sliding_window or 0,
                     cache.block_size, act, *codes]
             layers.append((tensors, ints, [layer.input_layernorm.eps, attn.scale]))
-        return cls(model, cache, layers)
+        return cls(model, cache, layers, min(cpu_ext.MAX_KERNEL_ROWS[kind] for kind in kinds))
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor,

@@ -73,7 +73,7 @@ class ModelRunner:
                 for p in range(max(start, len(recorded) - 1), min(end, seq.num_prompt_tokens - 1)):
                     prompt_rows.append(first_row + p - start)
                     prompt_targets.append((seq.request, p, seq.token_ids[p + 1]))
-        if self.fused is not None and len(input_ids) == len(chunks):  # decodes only
+        if self.fused is not None and len(input_ids) == len(chunks) <= self.fused.max_batch:  # decodes only
             hidden = self._fused_decode(chunks, input_ids, positions)
         else:
             metadata = AttentionMetadata.build([(c.seq.block_table, c.start, c.num_tokens) for c in chunks],
