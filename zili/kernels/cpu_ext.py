@@ -27,7 +27,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).resolve().parent / "cpu"
-SOURCES = ("ops.cpp", "gemv_bf16.cpp", "gemv_quant.cpp", "dequantize.cpp")
+SOURCES = ("ops.cpp", "gemv_bf16.cpp", "gemm_amx_bf16.cpp", "gemv_quant.cpp", "dequantize.cpp")
 # compiler flag -> the /proc/cpuinfo flag that says the CPU runs it
 ISA_FLAGS = {
     "-mavx512f": "avx512f",
@@ -36,6 +36,9 @@ ISA_FLAGS = {
     "-mavx512bf16": "avx512_bf16",
     "-mavx512vnni": "avx512_vnni",
 }
+# Let gemm_amx_bf16.cpp use the AMX intrinsics. Not a build requirement: it checks for AMX at run time
+# and runs gemv_bf16 on a CPU without it (the compiler never emits AMX instructions of its own).
+AMX_FLAGS = ("-mamx-tile", "-mamx-bf16")
 # Rows of x up to which the kernels beat PyTorch, from benchmarks/kernels_bench.py --parts rows
 # (gate_up 896 -> 9728, one thread): the bf16 kernel vs oneDNN bf16 crosses between 8 and 12
 # rows; the int8/int4 kernels vs dequantize + oneDNN near 28 (int4: 2.1 vs 3.4 ms at 16 rows,
@@ -88,7 +91,7 @@ def _build() -> None:
         cpp_extension.load(
             name="zili_cpu_kernels",
             sources=[str(SOURCE_DIR / name) for name in SOURCES],
-            extra_cflags=["-O3", *ISA_FLAGS, "-fopenmp"],
+            extra_cflags=["-O3", *ISA_FLAGS, *AMX_FLAGS, "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(folder),
             is_python_module=False,

@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 
 #include "kernels.h"
@@ -46,8 +47,11 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight, const std:
   const auto* wp = static_cast<const uint16_t*>(weight.data_ptr());
   void* op = out.data_ptr();
   const OutType type = out_type_of(out);
-  at::parallel_for(0, N, kGrainRows, [&](int64_t begin, int64_t end) {
-    gemv_bf16(xp, K, M, K, wp, b, op, N, type, begin, end);
+  // Threads split N at multiples of 16 rows (the AMX tile height): each row of W takes the same path
+  // and summation order whatever the number of threads.
+  const int64_t blocks = (N + 15) / 16;
+  at::parallel_for(0, blocks, kGrainRows / 16, [&](int64_t begin, int64_t end) {
+    matmul_bf16(xp, K, M, K, wp, b, op, N, type, begin * 16, std::min(end * 16, N));
   });
   return out;
 }

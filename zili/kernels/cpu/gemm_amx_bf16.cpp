@@ -1,0 +1,270 @@
+// bf16 weight x bf16 activation small-M matmul with AMX (tdpbf16ps), fp32 accumulation.
+//
+// Computes C^T = W . X^T so that W is read row-major as the checkpoint stores it (no packed copy):
+//   A tile: 16 rows of W x 32 bf16 (64 bytes a row, stride K * 2), loaded straight from the weight;
+//   B tile: X^T in AMX's pair layout, 16 pairs of k (rows) x 16 rows of x (2 bf16 each), from a copy of
+//           x packed once per call and thread, zero-padded up to 16 rows of x and to K rounded up to 32;
+//   C tile: 16 (rows of W) x 16 (rows of x) fp32.
+// Each step loads 2 A tiles (32 rows of W) and 1 or 2 B tiles (up to 32 rows of x) and issues up to 4
+// tdpbf16ps into 4 C tiles, so every byte of W read serves 32 rows of x; larger M loops over groups of
+// 32 rows of x while the 32 rows of W stay in cache. The K tail goes through a zero-padded copy of the
+// 32 rows' last K % 32 inputs; an N tail under 16 rows goes to gemv_bf16. On a CPU without AMX, or
+// where the kernel may not use the tile registers (no permission), matmul_bf16 runs gemv_bf16.
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <cpuid.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+
+#include "kernels.h"
+
+namespace zili_cpu {
+namespace {
+
+// Rows of x from which matmul_bf16 takes the AMX path (below it: gemv_bf16), from
+// benchmarks/kernels_bench.py --parts amx on the benchmark shapes with 2 threads.
+constexpr int64_t kAmxMinRows = 4;
+
+constexpr int kArchReqXcompPerm = 0x1023;
+constexpr int kXfeatureXtiledata = 18;
+
+// The path taken for a given M: 0 = by kAmxMinRows, 1 = AMX whenever available, 2 = gemv_bf16 always
+// (for tests and benchmarks: set_bf16_matmul_path).
+std::atomic<int> g_path_mode{0};
+
+bool xcr0_has_tiles() {
+  uint32_t lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  const uint64_t xcr0 = (static_cast<uint64_t>(hi) << 32) | lo;
+  return (xcr0 & (3ull << 17)) == (3ull << 17);  // XTILECFG and XTILEDATA state enabled by the OS
+}
+
+bool detect_amx() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1)) return false;  // OSXSAVE
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  if (!((d >> 24) & 1) || !((d >> 22) & 1)) return false;  // AMX-TILE, AMX-BF16
+  if (!xcr0_has_tiles()) return false;
+  // Linux gives a process the tile data state on request only (oneDNN may have asked already).
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+
+bool amx_available() {
+  static const bool available = [] {
+    const char* switch_value = std::getenv("ZILI_CPU_AMX");
+    return (switch_value == nullptr || std::string(switch_value) != "0") && detect_amx();
+  }();
+  return available;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// Every tile is 16 rows x 64 bytes. Loaded on every call: other code on the thread (oneDNN's AMX
+// kernels) loads its own configuration or releases the tiles in between.
+void configure_tiles() {
+  TileConfig config;
+  std::memset(&config, 0, sizeof(config));
+  config.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    config.rows[t] = 16;
+    config.colsb[t] = 64;
+  }
+  _tile_loadconfig(&config);
+}
+
+// tileloadd is an asm statement without memory operands: order the plain stores before it.
+inline void compiler_barrier() { __asm__ volatile("" ::: "memory"); }
+
+// x (M, K) -> groups of 16 rows: group g holds Kp / 2 lines of 16 uint32, line p column j the bf16 pair
+// (x[16g + j][2p], x[16g + j][2p + 1]); zero past M and K. Kp = K rounded up to 32.
+void pack_x(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, uint32_t* dst) {
+  const int64_t groups = (M + 15) / 16;
+  const int64_t group_size = Kp / 2 * 16;
+  std::memset(dst, 0, groups * group_size * sizeof(uint32_t));
+  for (int64_t m = 0; m < M; ++m) {
+    const uint16_t* row = x + m * ldx;
+    uint32_t* d = dst + (m / 16) * group_size + (m % 16);
+    int64_t p = 0;
+    for (; 2 * p + 1 < K; ++p) {
+      uint32_t pair;
+      std::memcpy(&pair, row + 2 * p, 4);
+      d[p * 16] = pair;
+    }
+    if (K % 2) d[p * 16] = row[K - 1];
+  }
+}
+
+inline __m512 bias_vector(const Bias& bias, int64_t n) {
+  if (bias.data == nullptr) return _mm512_setzero_ps();
+  if (!bias.is_bf16) return _mm512_loadu_ps(static_cast<const float*>(bias.data) + n);
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(bias.data) + n));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// c: a stored C tile (16 rows of W x 16 rows of x, fp32) -> out rows m0 .. m0 + rows - 1, columns n0 .. n0 + 15.
+inline void write_tile(const float* c, int64_t rows, int64_t m0, int64_t n0, __m512 bias, void* out, int64_t ldo,
+                       OutType out_type) {
+  const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32(16));
+  for (int64_t j = 0; j < rows; ++j) {
+    const __m512 v = _mm512_add_ps(_mm512_i32gather_ps(column, c + j, 4), bias);
+    const int64_t index = (m0 + j) * ldo + n0;
+    if (out_type == OutType::kBFloat16) {
+      const __m256bh h = _mm512_cvtneps_pbh(v);
+      std::memcpy(static_cast<uint16_t*>(out) + index, &h, 32);
+    } else {
+      _mm512_storeu_ps(static_cast<float*>(out) + index, v);
+    }
+  }
+}
+
+// Rows n0 .. n0 + 16 NA - 1 of W times rows m0 .. m0 + 16 NB - 1 of x (xg: their packed groups, gstride
+// uint32 apart). Tiles: C 0-3 (C[a][b] = tmm(2a + b)), A 4-5, B 6-7.
+template <int NA, int NB>
+void amx_block(const uint32_t* xg, int64_t gstride, int64_t M, int64_t K, const uint16_t* w, int64_t n0, int64_t m0,
+               const Bias& bias, void* out, int64_t ldo, OutType out_type) {
+  static_assert(NA >= 1 && NA <= 2 && NB >= 1 && NB <= 2, "2 x 2 C tiles at most");
+  _tile_zero(0);
+  if constexpr (NB == 2) _tile_zero(1);
+  if constexpr (NA == 2) _tile_zero(2);
+  if constexpr (NA == 2 && NB == 2) _tile_zero(3);
+  const int64_t stride = K * 2;
+  const uint16_t* w0 = w + n0 * K;
+  const uint16_t* w1 = w0 + 16 * K;
+  const int64_t k_full = K / 32 * 32;
+  auto step = [&](const void* a0, const void* a1, int64_t a_stride, const uint32_t* b) {
+    _tile_loadd(4, a0, a_stride);
+    if constexpr (NA == 2) _tile_loadd(5, a1, a_stride);
+    _tile_loadd(6, b, 64);
+    if constexpr (NB == 2) _tile_loadd(7, b + gstride, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (NB == 2) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (NA == 2) _tile_dpbf16ps(2, 5, 6);
+    if constexpr (NA == 2 && NB == 2) _tile_dpbf16ps(3, 5, 7);
+  };
+  for (int64_t k = 0; k < k_full; k += 32) {
+    for (int r = 0; r < 16; ++r) prefetch_ahead(w0 + r * K + k);
+    if constexpr (NA == 2) {
+      for (int r = 0; r < 16; ++r) prefetch_ahead(w1 + r * K + k);
+    }
+    step(w0 + k, w1 + k, stride, xg + k * 8);
+  }
+  if (k_full < K) {  // the last K % 32 inputs of each row, zero-padded to 32
+    alignas(64) uint16_t tail[NA * 16][32];
+    std::memset(tail, 0, sizeof(tail));
+    for (int r = 0; r < NA * 16; ++r) std::memcpy(tail[r], w0 + r * K + k_full, (K - k_full) * 2);
+    compiler_barrier();
+    step(tail[0], tail[NA == 2 ? 16 : 0], 64, xg + k_full * 8);
+  }
+  alignas(64) float c[16 * 16];
+  for (int a = 0; a < NA; ++a) {
+    const __m512 bv = bias_vector(bias, n0 + 16 * a);
+    for (int b = 0; b < NB; ++b) {
+      const int64_t rows = std::min<int64_t>(16, M - m0 - 16 * b);
+      if (rows <= 0) continue;
+      if (a == 0 && b == 0) _tile_stored(0, c, 64);
+      if (a == 0 && b == 1) _tile_stored(1, c, 64);
+      if (a == 1 && b == 0) _tile_stored(2, c, 64);
+      if (a == 1 && b == 1) _tile_stored(3, c, 64);
+      write_tile(c, rows, m0 + 16 * b, n0 + 16 * a, bv, out, ldo, out_type);
+    }
+  }
+}
+
+// Per-thread scratch for the packed x, 64-byte aligned, grown as needed.
+uint32_t* packed_buffer(size_t count) {
+  thread_local std::unique_ptr<uint32_t[]> storage;
+  thread_local size_t capacity = 0;
+  if (capacity < count + 16) {
+    capacity = count + 16;
+    storage.reset(new uint32_t[capacity]);
+  }
+  const auto address = reinterpret_cast<uintptr_t>(storage.get());
+  return reinterpret_cast<uint32_t*>((address + 63) & ~uintptr_t{63});
+}
+
+void amx_matmul(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, const uint16_t* w, const Bias& bias, void* out,
+                int64_t ldo, OutType out_type, int64_t n_begin, int64_t n_end) {
+  const int64_t Kp = (K + 31) / 32 * 32;
+  const int64_t gstride = Kp / 2 * 16;
+  const int64_t groups = (M + 15) / 16;
+  uint32_t* xp = packed_buffer(groups * gstride);
+  pack_x(x, ldx, M, K, Kp, xp);
+  compiler_barrier();
+  configure_tiles();
+  int64_t n = n_begin;
+  for (; n + 32 <= n_end; n += 32) {
+    for (int64_t m0 = 0; m0 < M; m0 += 32) {
+      const uint32_t* xg = xp + (m0 / 16) * gstride;
+      if (M - m0 > 16) {
+        amx_block<2, 2>(xg, gstride, M, K, w, n, m0, bias, out, ldo, out_type);
+      } else {
+        amx_block<2, 1>(xg, gstride, M, K, w, n, m0, bias, out, ldo, out_type);
+      }
+    }
+  }
+  if (n + 16 <= n_end) {
+    for (int64_t m0 = 0; m0 < M; m0 += 32) {
+      const uint32_t* xg = xp + (m0 / 16) * gstride;
+      if (M - m0 > 16) {
+        amx_block<1, 2>(xg, gstride, M, K, w, n, m0, bias, out, ldo, out_type);
+      } else {
+        amx_block<1, 1>(xg, gstride, M, K, w, n, m0, bias, out, ldo, out_type);
+      }
+    }
+    n += 16;
+  }
+  _tile_release();  // back to the init state: cheaper context switches, no stale config for others
+  if (n < n_end) gemv_bf16(x, ldx, M, K, w, bias, out, ldo, out_type, n, n_end);
+}
+
+bool use_amx(int64_t M) {
+  const int mode = g_path_mode.load(std::memory_order_relaxed);
+  if (mode == 2 || !amx_available()) return false;
+  return mode == 1 || M >= kAmxMinRows;
+}
+
+// The path matmul_bf16 takes for `rows` rows of x ("amx" or "gemv") under the current setting.
+std::string bf16_matmul_path(int64_t rows) { return use_amx(rows) ? "amx" : "gemv"; }
+
+// "auto" (by rows), "amx" (AMX where available), "gemv" (gemv_bf16 always); returns the previous setting.
+std::string set_bf16_matmul_path(const std::string& path) {
+  static const char* names[] = {"auto", "amx", "gemv"};
+  int mode = -1;
+  for (int i = 0; i < 3; ++i) {
+    if (path == names[i]) mode = i;
+  }
+  TORCH_CHECK(mode >= 0, "bf16 matmul path must be auto, amx or gemv, not ", path);
+  return names[g_path_mode.exchange(mode)];
+}
+
+}  // namespace
+
+void matmul_bf16(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, const uint16_t* w, Bias bias, void* out,
+                 int64_t ldo, OutType out_type, int64_t n_begin, int64_t n_end) {
+  if (n_end - n_begin >= 16 && K > 0 && use_amx(M)) {
+    amx_matmul(x, ldx, M, K, w, bias, out, ldo, out_type, n_begin, n_end);
+  } else {
+    gemv_bf16(x, ldx, M, K, w, bias, out, ldo, out_type, n_begin, n_end);
+  }
+}
+
+TORCH_LIBRARY_FRAGMENT(zili_cpu, m) {
+  m.def("bf16_matmul_path(int rows) -> str", &bf16_matmul_path);
+  m.def("set_bf16_matmul_path(str path) -> str", &set_bf16_matmul_path);
+}
+
+}  // namespace zili_cpu
