@@ -28,9 +28,10 @@
 namespace zili_cpu {
 namespace {
 
-// Rows of x from which matmul_bf16 takes the AMX path (below it: gemv_bf16), from
-// benchmarks/kernels_bench.py --parts amx on the benchmark shapes with 2 threads.
-constexpr int64_t kAmxMinRows = 4;
+// Rows of x from which matmul_bf16 takes the AMX path (below it: gemv_bf16). benchmarks/kernels_bench.py
+// --parts amx (benchmark shapes, 2 threads) measured AMX ahead from one row on: 896 -> 9728 at M = 1
+// 23.4 vs 19.0 GB/s, 896 -> 32000 24.6 vs 19.6; 4864 -> 896 even (25.5 vs 26.4).
+constexpr int64_t kAmxMinRows = 1;
 
 constexpr int kArchReqXcompPerm = 0x1023;
 constexpr int kXfeatureXtiledata = 18;
@@ -114,13 +115,33 @@ inline __m512 bias_vector(const Bias& bias, int64_t n) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+// In-register transpose of 16 rows of 16 floats, in 4 stages: the stage of bit h swaps, for every pair of
+// rows i, i + h (i without bit h), the columns with bit h of row i and those without it of row i + h.
+inline void transpose16(__m512 (&r)[16]) {
+  for (int h = 8; h >= 1; h /= 2) {
+    alignas(64) int low[16], high[16];
+    for (int j = 0; j < 16; ++j) {
+      low[j] = (j & h) ? 16 + j - h : j;   // row i: its own columns without bit h, row i + h's without it
+      high[j] = (j & h) ? 16 + j : j + h;  // row i + h: row i's columns with bit h, its own with it
+    }
+    const __m512i low_index = _mm512_load_si512(low), high_index = _mm512_load_si512(high);
+    for (int i = 0; i < 16; ++i) {
+      if (i & h) continue;
+      const __m512 a = r[i], b = r[i + h];
+      r[i] = _mm512_permutex2var_ps(a, low_index, b);
+      r[i + h] = _mm512_permutex2var_ps(a, high_index, b);
+    }
+  }
+}
+
 // c: a stored C tile (16 rows of W x 16 rows of x, fp32) -> out rows m0 .. m0 + rows - 1, columns n0 .. n0 + 15.
 inline void write_tile(const float* c, int64_t rows, int64_t m0, int64_t n0, __m512 bias, void* out, int64_t ldo,
                        OutType out_type) {
-  const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                            _mm512_set1_epi32(16));
+  __m512 t[16];
+  for (int r = 0; r < 16; ++r) t[r] = _mm512_load_ps(c + 16 * r);
+  transpose16(t);
   for (int64_t j = 0; j < rows; ++j) {
-    const __m512 v = _mm512_add_ps(_mm512_i32gather_ps(column, c + j, 4), bias);
+    const __m512 v = _mm512_add_ps(t[j], bias);
     const int64_t index = (m0 + j) * ldo + n0;
     if (out_type == OutType::kBFloat16) {
       const __m256bh h = _mm512_cvtneps_pbh(v);
@@ -155,13 +176,12 @@ void amx_block(const uint32_t* xg, int64_t gstride, int64_t M, int64_t K, const 
     if constexpr (NA == 2) _tile_dpbf16ps(2, 5, 6);
     if constexpr (NA == 2 && NB == 2) _tile_dpbf16ps(3, 5, 7);
   };
-  for (int64_t k = 0; k < k_full; k += 32) {
-    for (int r = 0; r < 16; ++r) prefetch_ahead(w0 + r * K + k);
-    if constexpr (NA == 2) {
-      for (int r = 0; r < 16; ++r) prefetch_ahead(w1 + r * K + k);
-    }
-    step(w0 + k, w1 + k, stride, xg + k * 8);
-  }
+  // No software prefetch: the hardware prefetchers alone measured best (one thread, 896 -> 9728 and
+  // 896 -> 32000: 11.7 GB/s; prefetching each row kPrefetchBytes ahead 10.1, the next 32 rows ahead
+  // into L1 8.0 or L2 9.1, touching them with loads 8.5).
+  // Alternating two sets of A / B tiles (so that loads need not wait for the last products) measured
+  // 2-4% slower.
+  for (int64_t k = 0; k < k_full; k += 32) step(w0 + k, w1 + k, stride, xg + k * 8);
   if (k_full < K) {  // the last K % 32 inputs of each row, zero-padded to 32
     alignas(64) uint16_t tail[NA * 16][32];
     std::memset(tail, 0, sizeof(tail));
