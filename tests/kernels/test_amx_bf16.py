@@ -118,3 +118,11 @@ def test_environment_switch_turns_amx_off(cpu_kernels):
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "gemv"
+
+
+def test_rows_rule_matches_the_path_the_kernel_takes(path):
+    ops = path("auto")
+    limit = cpu_ext.MAX_KERNEL_ROWS["bf16"]
+    # AMX: the kernels take batched decode up to 64 rows; gemv_bf16 alone beats oneDNN up to 8 only
+    assert limit == (64 if ops.bf16_matmul_path(limit) == "amx" else 8)
+    assert cpu_ext.has_amx() == (ops.bf16_matmul_path(limit) == "amx")
