@@ -272,12 +272,12 @@ def markdown(result: dict) -> str:
         lines.append("")
     if result.get("amx"):
         names = list(dict.fromkeys(row["variant"] for row in result["amx"]))
-        lines += ["| layer (K -> N) | M | " + " | ".join(f"{n} ms (GB/s)" for n in names) + " |",
+        lines += ["| layer (K -> N) | M | " + " | ".join(f"{n} ms (GB/s; best)" for n in names) + " |",
                   "|---" * (len(names) + 2) + "|"]
         for key in dict.fromkeys((row["layer"], row["M"]) for row in result["amx"]):
             rows = {row["variant"]: row for row in result["amx"] if (row["layer"], row["M"]) == key}
             first = next(iter(rows.values()))
-            cells = [f"{rows[n]['us'] / 1e3:.3f} ({rows[n]['gbps']:.1f})" for n in names]
+            cells = [f"{rows[n]['us'] / 1e3:.3f} ({rows[n]['gbps']:.1f}; {rows[n]['best_gbps']:.1f})" for n in names]
             lines.append(f"| {key[0]} ({first['K']} -> {first['N']}) | {key[1]} | " + " | ".join(cells) + " |")
         lines.append("")
     if result.get("model"):

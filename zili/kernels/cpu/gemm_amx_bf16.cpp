@@ -89,25 +89,6 @@ void configure_tiles() {
 // tileloadd is an asm statement without memory operands: order the plain stores before it.
 inline void compiler_barrier() { __asm__ volatile("" ::: "memory"); }
 
-// x (M, K) -> groups of 16 rows: group g holds Kp / 2 lines of 16 uint32, line p column j the bf16 pair
-// (x[16g + j][2p], x[16g + j][2p + 1]); zero past M and K. Kp = K rounded up to 32.
-void pack_x(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, uint32_t* dst) {
-  const int64_t groups = (M + 15) / 16;
-  const int64_t group_size = Kp / 2 * 16;
-  std::memset(dst, 0, groups * group_size * sizeof(uint32_t));
-  for (int64_t m = 0; m < M; ++m) {
-    const uint16_t* row = x + m * ldx;
-    uint32_t* d = dst + (m / 16) * group_size + (m % 16);
-    int64_t p = 0;
-    for (; 2 * p + 1 < K; ++p) {
-      uint32_t pair;
-      std::memcpy(&pair, row + 2 * p, 4);
-      d[p * 16] = pair;
-    }
-    if (K % 2) d[p * 16] = row[K - 1];
-  }
-}
-
 inline __m512 bias_vector(const Bias& bias, int64_t n) {
   if (bias.data == nullptr) return _mm512_setzero_ps();
   if (!bias.is_bf16) return _mm512_loadu_ps(static_cast<const float*>(bias.data) + n);
@@ -130,6 +111,27 @@ inline void transpose16(__m512 (&r)[16]) {
       const __m512 a = r[i], b = r[i + h];
       r[i] = _mm512_permutex2var_ps(a, low_index, b);
       r[i + h] = _mm512_permutex2var_ps(a, high_index, b);
+    }
+  }
+}
+
+// x (M, K) -> groups of 16 rows: group g holds Kp / 2 lines of 16 uint32, line p column j the bf16 pair
+// (x[16g + j][2p], x[16g + j][2p + 1]); zero past M and K. Kp = K rounded up to 32. Per 32 inputs, the
+// 16 rows' 16 pairs are a 16 x 16 transpose.
+void pack_x(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, uint32_t* dst) {
+  const int64_t group_size = Kp / 2 * 16;
+  for (int64_t g = 0; g * 16 < M; ++g) {
+    for (int64_t k = 0; k < Kp; k += 32) {
+      const int64_t left = K - k;  // > 0: Kp - K < 32
+      const __mmask32 mask = left >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << left) - 1);
+      __m512 r[16];
+      for (int j = 0; j < 16; ++j) {
+        const int64_t m = g * 16 + j;
+        r[j] = m < M ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(mask, x + m * ldx + k)) : _mm512_setzero_ps();
+      }
+      transpose16(r);
+      uint32_t* d = dst + g * group_size + k / 2 * 16;
+      for (int p = 0; p < 16; ++p) _mm512_storeu_ps(reinterpret_cast<float*>(d + p * 16), r[p]);
     }
   }
 }
