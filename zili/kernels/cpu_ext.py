@@ -5,7 +5,8 @@ The sources in zili/kernels/cpu/ are compiled once per machine with PyTorch's ex
 `build_directory`) and reloaded from there; a source change triggers a rebuild. They need
 AVX-512 with the BF16 and VNNI extensions: on a CPU without them nothing is built. Any build or
 load failure logs one warning and zili keeps using PyTorch's own kernels. ZILI_CPU_KERNELS=0
-(read once per process) turns the kernels off.
+(read once per process) turns the kernels off; ZILI_CPU_AMX=0 only their AMX path (bf16 weights
+then go through the AVX512-BF16 kernel, up to its own row limit).
 
 `MAX_KERNEL_ROWS` is the one dispatch rule. The kernels read every weight once and compute with
 AVX-512 dot products, 8 rows of x at a time, or for bf16 weights on a CPU with AMX with tile
