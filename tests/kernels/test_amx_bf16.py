@@ -39,9 +39,9 @@ AMX_OR_GEMV = "amx" if HAS_AMX else "gemv"  # what the "amx" setting runs on thi
 
 def test_amx_path_is_taken_where_the_cpu_has_it(path):
     ops = path("amx")
-    assert ops.bf16_matmul_path(1) == ops.bf16_matmul_path(16) == AMX_OR_GEMV
+    assert ops.bf16_matmul_path(1, 896) == ops.bf16_matmul_path(16, 896) == AMX_OR_GEMV
     ops = path("gemv")
-    assert ops.bf16_matmul_path(16) == "gemv"
+    assert ops.bf16_matmul_path(16, 896) == "gemv"
 
 
 @pytest.mark.parametrize("m", [1, 2, 5, 8, 15, 16, 17, 24, 31, 32, 33, 40])
@@ -90,13 +90,14 @@ def test_gemv_fallback_path_matches_too(path):
     ops = path("gemv")
     for m in (1, 9, 16, 33):
         x, w, b = bf16_case(m, 100, 70, seed=m)
-        assert ops.bf16_matmul_path(m) == "gemv"
+        assert ops.bf16_matmul_path(m, 896) == "gemv"
         assert_within_bound(ops.linear_bf16(x, w, b), x, w, b, rounded_output=True)
 
 
 def test_auto_path_uses_amx_where_available(path):
-    ops = path("auto")  # AMX measured ahead of gemv_bf16 from one row on
-    assert ops.bf16_matmul_path(1) == ops.bf16_matmul_path(16) == AMX_OR_GEMV
+    ops = path("auto")  # AMX measured ahead of gemv_bf16 from one row on, but for one row of long inputs
+    assert ops.bf16_matmul_path(1, 896) == ops.bf16_matmul_path(16, 896) == AMX_OR_GEMV
+    assert ops.bf16_matmul_path(2, 4864) == AMX_OR_GEMV and ops.bf16_matmul_path(1, 4864) == "gemv"
 
 
 def test_amx_after_onednn_used_the_tiles_on_the_same_threads(path):
@@ -112,7 +113,7 @@ def test_amx_after_onednn_used_the_tiles_on_the_same_threads(path):
 
 def test_environment_switch_turns_amx_off(cpu_kernels):
     code = ("import torch; from zili.kernels import cpu_ext; assert cpu_ext.available(); "
-            "torch.ops.zili_cpu.set_bf16_matmul_path('amx'); print(torch.ops.zili_cpu.bf16_matmul_path(16))")
+            "torch.ops.zili_cpu.set_bf16_matmul_path('amx'); print(torch.ops.zili_cpu.bf16_matmul_path(16, 896))")
     repo = str(Path(cpu_ext.__file__).resolve().parents[2])
     env = dict(os.environ, ZILI_CPU_AMX="0", PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
@@ -124,5 +125,5 @@ def test_rows_rule_matches_the_path_the_kernel_takes(path):
     ops = path("auto")
     limit = cpu_ext.MAX_KERNEL_ROWS["bf16"]
     # AMX: the kernels take batched decode up to 64 rows; gemv_bf16 alone beats oneDNN up to 8 only
-    assert limit == (64 if ops.bf16_matmul_path(limit) == "amx" else 8)
-    assert cpu_ext.has_amx() == (ops.bf16_matmul_path(limit) == "amx")
+    assert limit == (64 if ops.bf16_matmul_path(limit, 896) == "amx" else 8)
+    assert cpu_ext.has_amx() == (ops.bf16_matmul_path(limit, 896) == "amx")

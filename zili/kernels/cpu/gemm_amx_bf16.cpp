@@ -28,10 +28,13 @@
 namespace zili_cpu {
 namespace {
 
-// Rows of x from which matmul_bf16 takes the AMX path (below it: gemv_bf16). benchmarks/kernels_bench.py
-// --parts amx (benchmark shapes, 2 threads) measured AMX ahead from one row on: 896 -> 9728 at M = 1
-// 23.4 vs 19.0 GB/s, 896 -> 32000 24.6 vs 19.6; 4864 -> 896 even (25.5 vs 26.4).
+// Where matmul_bf16 takes the AMX path: benchmarks/kernels_bench.py --parts amx (benchmark shapes)
+// measured AMX ahead of gemv_bf16 from one row on (one row, 2 threads: 896 -> 9728 23.4 vs 19.0 GB/s,
+// 896 -> 32000 24.6 vs 19.6), except for one row of long inputs, where gemv_bf16's 8 rows of W at a
+// time stream better (4864 -> 896: 25.5 vs 26.4 GB/s on 2 threads, 12.9 vs 13.7 on one; at K = 2432
+// AMX is still ahead, 12.3 vs 11.8).
 constexpr int64_t kAmxMinRows = 1;
+constexpr int64_t kGemvMinInputsForOneRow = 4096;
 
 constexpr int kArchReqXcompPerm = 0x1023;
 constexpr int kXfeatureXtiledata = 18;
@@ -253,14 +256,14 @@ void amx_matmul(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, const uint
   if (n < n_end) gemv_bf16(x, ldx, M, K, w, bias, out, ldo, out_type, n, n_end);
 }
 
-bool use_amx(int64_t M) {
+bool use_amx(int64_t M, int64_t K) {
   const int mode = g_path_mode.load(std::memory_order_relaxed);
   if (mode == 2 || !amx_available()) return false;
-  return mode == 1 || M >= kAmxMinRows;
+  return mode == 1 || (M >= kAmxMinRows && !(M == 1 && K >= kGemvMinInputsForOneRow));
 }
 
-// The path matmul_bf16 takes for `rows` rows of x ("amx" or "gemv") under the current setting.
-std::string bf16_matmul_path(int64_t rows) { return use_amx(rows) ? "amx" : "gemv"; }
+// The path matmul_bf16 takes for `rows` rows of x with `k` inputs ("amx" or "gemv") under the current setting.
+std::string bf16_matmul_path(int64_t rows, int64_t k) { return use_amx(rows, k) ? "amx" : "gemv"; }
 
 // "auto" (by rows), "amx" (AMX where available), "gemv" (gemv_bf16 always); returns the previous setting.
 std::string set_bf16_matmul_path(const std::string& path) {
@@ -277,7 +280,7 @@ std::string set_bf16_matmul_path(const std::string& path) {
 
 void matmul_bf16(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, const uint16_t* w, Bias bias, void* out,
                  int64_t ldo, OutType out_type, int64_t n_begin, int64_t n_end) {
-  if (n_end - n_begin >= 16 && K > 0 && use_amx(M)) {
+  if (n_end - n_begin >= 16 && K > 0 && use_amx(M, K)) {
     amx_matmul(x, ldx, M, K, w, bias, out, ldo, out_type, n_begin, n_end);
   } else {
     gemv_bf16(x, ldx, M, K, w, bias, out, ldo, out_type, n_begin, n_end);
@@ -285,7 +288,7 @@ void matmul_bf16(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, const uin
 }
 
 TORCH_LIBRARY_FRAGMENT(zili_cpu, m) {
-  m.def("bf16_matmul_path(int rows) -> str", &bf16_matmul_path);
+  m.def("bf16_matmul_path(int rows, int k) -> str", &bf16_matmul_path);
   m.def("set_bf16_matmul_path(str path) -> str", &set_bf16_matmul_path);
 }
 
