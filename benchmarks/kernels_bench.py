@@ -5,14 +5,17 @@
    _weight_int4pack_mm_for_cpu, zili int4 (group 128), next to the streaming-read bandwidth of a
    buffer as large as the weights cycled through. Each variant cycles through enough copies of
    the layer to fill that buffer, so the weights come from DRAM as in a real decode step.
-2. Rows sweep (gate_up shape): time per call at M = 1..32 for each path, the crossover that sets
+2. AMX table (--parts amx): bf16 x bf16 at M = 1..32 rows (--amx-rows) on every benchmark shape, zili's
+   AMX kernel vs its AVX512-BF16 gemv_bf16 vs F.linear (oneDNN), in ms and GB/s of weights read; sets
+   the AMX / gemv crossover (gemm_amx_bf16.cpp kAmxMinRows) and MAX_KERNEL_ROWS["bf16"].
+3. Rows sweep (gate_up shape): time per call at M = 1..32 for each path, the crossover that sets
    zili.kernels.cpu_ext.MAX_KERNEL_ROWS.
-3. Whole-model batch-1 decode tok/s through zili.LLM's engine (128 tokens after a 16-token
+4. Whole-model batch-1 decode tok/s through zili.LLM's engine (128 tokens after a 16-token
    prompt, one child process per run) with and without the kernels (ZILI_CPU_KERNELS=0), bf16
    and, where benchmarks/work/quantized/ has them, int8 / int4; "% of bound" = tok/s x weight
    bytes / the streaming-read bandwidth measured over a buffer as large as the weights.
 
-    python benchmarks/kernels_bench.py [--threads 2] [--reps 5] [--parts layers,rows,model]
+    python benchmarks/kernels_bench.py [--threads 2] [--reps 5] [--parts layers,amx,rows,model]
 
 Timings are medians; the load average is reported because the machine may be shared. On a busy
 machine, `--threads 1 --clock cpu` times this thread's CPU time instead of wall time.
@@ -154,6 +157,46 @@ def rows_sweep(target_bytes: int, reps: int, ms: list[int], names: list[str]) ->
     return results
 
 
+def amx_table(target_bytes: int, reps: int, ms: list[int]) -> list[dict]:
+    """bf16 weight x bf16 x at M rows on every benchmark shape: zili's AMX kernel, zili's AVX512-BF16
+    gemv_bf16 and F.linear (oneDNN), interleaved per repetition (torch.ops.zili_cpu.set_bf16_matmul_path
+    forces the zili path); GB/s of weights read."""
+    ops = torch.ops.zili_cpu
+    paths = {"zili-amx": "amx", "zili-gemv": "gemv"}
+    rows = []
+    try:
+        for layer, (k, n) in SHAPES.items():
+            weight = (torch.randn(n, k) * 0.02).bfloat16()
+            nbytes = 2 * n * k
+            weights = copies_of(weight, max(1, math.ceil(target_bytes / nbytes)))
+            for m in ms:
+                x = torch.randn(m, k).bfloat16()
+                samples: dict[str, list[float]] = {name: [] for name in (*paths, "torch-bf16")}
+                for rep in range(reps + 1):  # the first pass warms up
+                    for name in samples:
+                        if name in paths:
+                            ops.set_bf16_matmul_path(paths[name])
+                            call = cpu_ext.linear_bf16
+                        else:
+                            call = F.linear
+                        start = CLOCK()
+                        for w in weights:
+                            call(x, w)
+                        if rep:
+                            samples[name].append((CLOCK() - start) / len(weights))
+                cells = []
+                for name, times in samples.items():
+                    seconds, best = median(times), min(times)
+                    rows.append({"layer": layer, "K": k, "N": n, "M": m, "variant": name, "bytes": nbytes,
+                                 "us": seconds * 1e6, "gbps": nbytes / seconds / 1e9, "best_gbps": nbytes / best / 1e9})
+                    cells.append(f"{name} {seconds * 1e3:7.3f} ms {nbytes / seconds / 1e9:5.1f} GB/s")
+                log(f"{layer:8s} M={m:3d} " + "  ".join(cells))
+            del weights
+    finally:
+        ops.set_bf16_matmul_path("auto")
+    return rows
+
+
 def decode_child(folder: str, tokens: int, reps: int) -> dict:
     """In a fresh process: batch-1 decode tok/s of `folder` through zili.LLM's engine (steps after the first token)."""
     from zili.llm import LLM
@@ -227,6 +270,16 @@ def markdown(result: dict) -> str:
             cells = [f"{rows[n]['gbps']:.1f} GB/s ({100 * rows[n]['gbps'] / bandwidth:.0f}%)" for n in names]
             lines.append(f"| {layer} ({first['K']} -> {first['N']}) | " + " | ".join(cells) + " |")
         lines.append("")
+    if result.get("amx"):
+        names = list(dict.fromkeys(row["variant"] for row in result["amx"]))
+        lines += ["| layer (K -> N) | M | " + " | ".join(f"{n} ms (GB/s; best)" for n in names) + " |",
+                  "|---" * (len(names) + 2) + "|"]
+        for key in dict.fromkeys((row["layer"], row["M"]) for row in result["amx"]):
+            rows = {row["variant"]: row for row in result["amx"] if (row["layer"], row["M"]) == key}
+            first = next(iter(rows.values()))
+            cells = [f"{rows[n]['us'] / 1e3:.3f} ({rows[n]['gbps']:.1f}; {rows[n]['best_gbps']:.1f})" for n in names]
+            lines.append(f"| {key[0]} ({first['K']} -> {first['N']}) | {key[1]} | " + " | ".join(cells) + " |")
+        lines.append("")
     if result.get("model"):
         lines += ["| precision | zili kernels | decode tok/s | % of bandwidth bound |", "|---|---|---|---|"]
         lines += [f"| {r['precision']} | {'on' if r['zili_kernels'] else 'off'} | {r['decode_tok_s']:.1f} | "
@@ -238,11 +291,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--parts", default="layers,rows,model")
+    parser.add_argument("--parts", default="layers,amx,rows,model")
     parser.add_argument("--variants", default="torch-bf16,zili-bf16,torch-int8,zili-int8,torch-int4,zili-int4")
     parser.add_argument("--target-bytes", type=int, default=0,
                         help="weights cycled through per layer measurement (default: the bf16 model's)")
     parser.add_argument("--rows", default="1,2,4,8,12,16,24,32", help="M values of the rows sweep")
+    parser.add_argument("--amx-rows", default="1,2,4,8,16,32", help="M values of the amx part")
     parser.add_argument("--precisions", default="bf16,int8,int4")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="cpu: per-call CPU time of the (single) thread, for a machine shared with other work")
@@ -272,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         f"median {bandwidth['median_gbps']:.1f}")
     if "layers" in parts:
         result["layers"] = layer_table(target, args.reps, names)
+    if "amx" in parts:
+        result["amx"] = amx_table(target, args.reps, [int(m) for m in args.amx_rows.split(",")])
     if "rows" in parts:
         sweep_names = names + ["zili-int4-dequant"]
         result["rows"] = rows_sweep(target, args.reps, [int(m) for m in args.rows.split(",")], sweep_names)

@@ -5,12 +5,14 @@ The sources in zili/kernels/cpu/ are compiled once per machine with PyTorch's ex
 `build_directory`) and reloaded from there; a source change triggers a rebuild. They need
 AVX-512 with the BF16 and VNNI extensions: on a CPU without them nothing is built. Any build or
 load failure logs one warning and zili keeps using PyTorch's own kernels. ZILI_CPU_KERNELS=0
-(read once per process) turns the kernels off.
+(read once per process) turns the kernels off; ZILI_CPU_AMX=0 only their AMX path (bf16 weights
+then go through the AVX512-BF16 kernel, up to its own row limit).
 
 `MAX_KERNEL_ROWS` is the one dispatch rule. The kernels read every weight once and compute with
-AVX-512 dot products, 8 rows of x at a time: they win while the weights' bytes dominate
-(decode). Larger M (prefill, big batches) goes to PyTorch's oneDNN / AMX GEMM, which is
-compute-rich here; quantized weights get there through a dequantized slice at a time.
+AVX-512 dot products, 8 rows of x at a time, or for bf16 weights on a CPU with AMX with tile
+products, 32 rows at a time: they win while the weights' bytes dominate (decode, batched decode).
+Larger M (prefill, big batches) goes to PyTorch's oneDNN / AMX GEMM, which is compute-rich here;
+quantized weights get there through a dequantized slice at a time.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).resolve().parent / "cpu"
-SOURCES = ("ops.cpp", "gemv_bf16.cpp", "gemv_quant.cpp", "dequantize.cpp", "decode_layer.cpp")
+SOURCES = ("ops.cpp", "gemv_bf16.cpp", "gemm_amx_bf16.cpp", "gemv_quant.cpp", "dequantize.cpp", "threads.cpp", "decode_layer.cpp")
 # compiler flag -> the /proc/cpuinfo flag that says the CPU runs it
 ISA_FLAGS = {
     "-mavx512f": "avx512f",
@@ -36,11 +38,9 @@ ISA_FLAGS = {
     "-mavx512bf16": "avx512_bf16",
     "-mavx512vnni": "avx512_vnni",
 }
-# Rows of x up to which the kernels beat PyTorch, from benchmarks/kernels_bench.py --parts rows
-# (gate_up 896 -> 9728, one thread): the bf16 kernel vs oneDNN bf16 crosses between 8 and 12
-# rows; the int8/int4 kernels vs dequantize + oneDNN near 28 (int4: 2.1 vs 3.4 ms at 16 rows,
-# 4.2 vs 3.7 ms at 32).
-MAX_KERNEL_ROWS = {"bf16": 8, "quant": 24}
+# Let gemm_amx_bf16.cpp use the AMX intrinsics. Not a build requirement: it checks for AMX at run time
+# and runs gemv_bf16 on a CPU without it (the compiler never emits AMX instructions of its own).
+AMX_FLAGS = ("-mamx-tile", "-mamx-bf16")
 
 
 def cpu_flags() -> set[str]:
@@ -51,6 +51,23 @@ def cpu_flags() -> set[str]:
         return set()
     line = next((line for line in text.splitlines() if line.startswith("flags")), "")
     return set(line.partition(":")[2].split())
+
+
+def has_amx() -> bool:
+    """True where the bf16 kernels take the AMX path (gemm_amx_bf16.cpp reads ZILI_CPU_AMX the same way)."""
+    return {"amx_tile", "amx_bf16"} <= cpu_flags() and os.environ.get("ZILI_CPU_AMX", "1") != "0"
+
+
+# Rows of x up to which the kernels beat PyTorch. bf16: the AMX kernel (gemm_amx_bf16.cpp) vs oneDNN
+# bf16, benchmarks/kernels_bench.py --parts amx --threads 1 --clock cpu: ahead on every benchmark
+# shape through 64 rows (896 -> 9728: 1.64 vs 2.57 ms at 16 rows, 2.73 vs 3.28 at 64; 896 -> 32000:
+# 10.3 vs 10.9 ms at 64), behind at 128 (4.86 vs 4.18 ms). (Without AMX, gemv_bf16 alone crossed
+# oneDNN between 8 and 12 rows: the rule then keeps to 8.) int8/int4 (--parts rows, gate_up, one
+# thread): the kernels vs dequantize + oneDNN near 28 (int4: 2.1 vs 3.4 ms at 16 rows, 4.2 vs 3.7
+# ms at 32).
+# The AMX path runs where the CPU has AMX (and the kernel grants it: Linux >= 5.16, as the cpuinfo
+# flags then say) unless ZILI_CPU_AMX=0.
+MAX_KERNEL_ROWS = {"bf16": 64 if has_amx() else 8, "quant": 24}
 
 
 def missing_cpu_flags() -> list[str]:
@@ -88,7 +105,7 @@ def _build() -> None:
         cpp_extension.load(
             name="zili_cpu_kernels",
             sources=[str(SOURCE_DIR / name) for name in SOURCES],
-            extra_cflags=["-O3", *ISA_FLAGS, "-fopenmp"],
+            extra_cflags=["-O3", *ISA_FLAGS, *AMX_FLAGS, "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(folder),
             is_python_module=False,

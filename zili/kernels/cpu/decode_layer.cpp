@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "threads.h"
 
 namespace zili_cpu {
 namespace {
@@ -87,10 +88,8 @@ void run_linear(const Linear& linear, const uint16_t* x, int64_t M, int64_t K, u
   const int64_t N = linear.out_features;
   const Bias bias = bias_of(linear);
   if (linear.bits == 16) {
-    const auto* w = static_cast<const uint16_t*>(linear.weight->data_ptr());
-    at::parallel_for(0, N, kGrainRows, [&](int64_t begin, int64_t end) {
-      gemv_bf16(x, K, M, K, w, bias, out, N, OutType::kBFloat16, begin, end);
-    });
+    linear_bf16_threads(x, M, K, static_cast<const uint16_t*>(linear.weight->data_ptr()), bias, out,
+                        OutType::kBFloat16, N);
     return;
   }
   const int64_t group_size = linear.group_size, G = K / group_size;

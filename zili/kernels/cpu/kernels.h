@@ -63,6 +63,12 @@ inline void store(void* out, int64_t index, OutType type, float value) {
 void gemv_bf16(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, const uint16_t* w,
                Bias bias, void* out, int64_t ldo, OutType out_type, int64_t n_begin, int64_t n_end);
 
+// gemv_bf16's contract; picks by M between gemv_bf16 and an AMX (tdpbf16ps) kernel (gemm_amx_bf16.cpp),
+// which reads W as stored too. The AMX path runs where the CPU has AMX-BF16, the OS granted the tile
+// state and ZILI_CPU_AMX is not 0 at first use; otherwise gemv_bf16 does all the work.
+void matmul_bf16(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, const uint16_t* w,
+                 Bias bias, void* out, int64_t ldo, OutType out_type, int64_t n_begin, int64_t n_end);
+
 // Activations quantized to signed int8 per block of `block` (64 or 128) inputs, as the int kernels read them.
 struct QuantizedRows {
   const int8_t* codes;       // (M, K_padded) x / scale rounded, zero past K

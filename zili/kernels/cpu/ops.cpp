@@ -4,9 +4,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 
 #include "kernels.h"
+#include "threads.h"
 
 namespace zili_cpu {
 namespace {
@@ -42,13 +44,8 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight, const std:
   const at::Tensor xb = x.to(at::kBFloat16).contiguous();
   at::Tensor out = at::empty({M, N}, x.options());
   const Bias b = bias_of(bias, N);
-  const auto* xp = static_cast<const uint16_t*>(xb.data_ptr());
-  const auto* wp = static_cast<const uint16_t*>(weight.data_ptr());
-  void* op = out.data_ptr();
-  const OutType type = out_type_of(out);
-  at::parallel_for(0, N, kGrainRows, [&](int64_t begin, int64_t end) {
-    gemv_bf16(xp, K, M, K, wp, b, op, N, type, begin, end);
-  });
+  linear_bf16_threads(static_cast<const uint16_t*>(xb.data_ptr()), M, K,
+                      static_cast<const uint16_t*>(weight.data_ptr()), b, out.data_ptr(), out_type_of(out), N);
   return out;
 }
 
