@@ -9,7 +9,8 @@
 // tdpbf16ps into 4 C tiles, so every byte of W read serves 32 rows of x; larger M loops over groups of
 // 32 rows of x while the 32 rows of W stay in cache. The K tail goes through a zero-padded copy of the
 // 32 rows' last K % 32 inputs; an N tail under 16 rows goes to gemv_bf16. On a CPU without AMX, or
-// where the kernel may not use the tile registers (no permission), matmul_bf16 runs gemv_bf16.
+// where the kernel may not use the tile registers (no permission), matmul_bf16 runs gemv_bf16. Each call
+// loads its tile configuration and releases the tiles at the end (oneDNN's AMX kernels share the threads).
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -39,8 +40,8 @@ constexpr int64_t kGemvMinInputsForOneRow = 4096;
 constexpr int kArchReqXcompPerm = 0x1023;
 constexpr int kXfeatureXtiledata = 18;
 
-// The path taken for a given M: 0 = by kAmxMinRows, 1 = AMX whenever available, 2 = gemv_bf16 always
-// (for tests and benchmarks: set_bf16_matmul_path).
+// The path matmul_bf16 takes: 0 = by M and K (kAmxMinRows, kGemvMinInputsForOneRow), 1 = AMX whenever
+// available, 2 = gemv_bf16 always (for tests and benchmarks: set_bf16_matmul_path).
 std::atomic<int> g_path_mode{0};
 
 bool xcr0_has_tiles() {
