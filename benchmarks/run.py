@@ -35,6 +35,10 @@ from servers import free_port, llama_server_command, measure_server, zili_serve_
 FIGURES = ("bandwidth", "decode", "prefill", "batch", "server", "profile")
 ENGINES = ("zili", "llama.cpp", "transformers")
 BITS = {"int8": 8, "int4": 4}
+# lm_head (the tied embedding) as llama.cpp's files hold it: Q8_0 quantizes it to 8 bits, so zili's int8
+# does too (`--quantize-lm-head`); Q4_0 keeps it at 6.6 bits (Q6_K), which zili's int4 scheme (4 bits) would
+# undercut, so zili's int4 keeps it in bf16 (more bytes per token than llama.cpp reads).
+QUANTIZE_LM_HEAD = {"int8": True, "int4": False}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -116,12 +120,14 @@ def make_checkpoint() -> None:
 
 def zili_quantize(precision: str) -> Path:
     """A zili int8 / int4 checkpoint of the benchmark model via `zili quantize` (created once; its
-    defaults: RTN, symmetric, int8 per channel, int4 groups of 128, embeddings kept in bf16)."""
-    out = QUANT_DIR / precision
+    defaults: RTN, symmetric, int8 per channel, int4 groups of 128, embeddings kept in bf16; lm_head
+    as QUANTIZE_LM_HEAD says)."""
+    lm_head = QUANTIZE_LM_HEAD[precision]
+    out = QUANT_DIR / (f"{precision}-lmhead" if lm_head else precision)
     if (out / "config.json").exists() and any(out.glob("*.safetensors")):
         return out
     command = [sys.executable, "-m", "zili.cli", "quantize", str(MODEL_DIR), "--bits", str(BITS[precision]),
-               "--output", str(out)]
+               "--output", str(out)] + (["--quantize-lm-head"] if lm_head else [])
     if out.exists():  # a run interrupted half-way
         command.append("--overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -140,7 +146,9 @@ def quant_scheme(folder: Path) -> str | None:
     if weights:
         group = weights.get("group_size") or "channel"
         method = (config.get("zili") or {}).get("method") or config.get("quant_method", "?")
-        return f"{method} int{weights.get('num_bits')} group {group} {'sym' if weights.get('symmetric') else 'asym'}"
+        lm_head = "bf16 lm_head" if "lm_head" in config.get("ignore", []) else "quantized lm_head"
+        return (f"{method} int{weights.get('num_bits')} group {group} {'sym' if weights.get('symmetric') else 'asym'}, "
+                f"{lm_head}")
     return json.dumps(config)[:120]
 
 
