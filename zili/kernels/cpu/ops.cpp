@@ -4,7 +4,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
+#include <vector>
 
 #include "kernels.h"
 
@@ -58,28 +60,29 @@ at::Tensor linear_quant(const at::Tensor& x, const at::Tensor& weight, const at:
                         const std::optional<at::Tensor>& bias) {
   check_rows(x);
   TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4");
-  TORCH_CHECK(group_size > 0 && group_size % 64 == 0, "group size must be a multiple of 64");
+  TORCH_CHECK(group_size > 0 && group_size % 32 == 0, "group size must be a multiple of 32");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   TORCH_CHECK(K % group_size == 0, "group size ", group_size, " does not divide K = ", K);
-  const int64_t G = K / group_size;
-  const int64_t padded_k = bits == 4 ? (K + 127) / 128 * 128 : K;
+  const QuantLayout layout = quant_layout(K, static_cast<int>(bits), group_size);
+  const int64_t G = layout.num_groups, padded_k = layout.padded_k;
+  const int64_t row_bytes = bits == 8 ? K : padded_k / 2;
   TORCH_CHECK(weight.scalar_type() == at::kByte && weight.is_contiguous() && weight.dim() == 2 &&
-              weight.size(1) == (bits == 8 ? K : padded_k / 2), "weight must be contiguous uint8 (N, ",
-              bits == 8 ? K : padded_k / 2, ")");
+              weight.size(1) == row_bytes, "weight must be contiguous uint8 (N, ", row_bytes, ")");
   for (const at::Tensor* t : {&scales, &zero_scales}) {
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 && t->size(0) == N &&
                 t->size(1) == G, "scales and zero_scales must be contiguous fp32 (N, G)");
   }
-  const int64_t block = group_size % 128 == 0 ? 128 : 64;
   const at::Tensor xc = x.contiguous();
-  at::Tensor codes = at::empty({M, padded_k}, x.options().dtype(at::kChar));
-  at::Tensor x_scales = at::empty({M, padded_k / 64}, x.options().dtype(at::kFloat));
-  at::Tensor group_terms = at::empty({M, G}, x.options().dtype(at::kFloat));
-  quantize_rows(xc.data_ptr(), xc.scalar_type() == at::kBFloat16, K, M, K, group_size, block,
-                codes.data_ptr<int8_t>(), padded_k, x_scales.data_ptr<float>(), padded_k / 64,
-                group_terms.data_ptr<float>());
-  const QuantizedRows rows{codes.data_ptr<int8_t>(), padded_k, x_scales.data_ptr<float>(), padded_k / 64,
-                           group_terms.data_ptr<float>(), G, block};
+  // The quantized activations live in this thread's scratch buffers, reused across calls (no allocation).
+  thread_local std::vector<int8_t> codes;
+  thread_local std::vector<float> floats;
+  codes.resize(std::max<size_t>(codes.size(), M * padded_k));
+  floats.resize(std::max<size_t>(floats.size(), M * (layout.scales_ld + G)));
+  float* x_scales = floats.data();
+  float* group_terms = x_scales + M * layout.scales_ld;
+  quantize_rows(xc.data_ptr(), xc.scalar_type() == at::kBFloat16, K, M, K, group_size, layout.block,
+                codes.data(), padded_k, x_scales, layout.scales_ld, group_terms);
+  const QuantizedRows rows{codes.data(), padded_k, x_scales, layout.scales_ld, group_terms, G, layout.block};
   at::Tensor out = at::empty({M, N}, x.options());
   const Bias b = bias_of(bias, N);
   const auto* wp = weight.data_ptr<uint8_t>();
@@ -98,7 +101,7 @@ at::Tensor dequantize(const at::Tensor& weight, const at::Tensor& scales, const 
                       int64_t bits, int64_t group_size, int64_t row_begin, int64_t row_end, at::ScalarType dtype) {
   TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4");
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dequantize to fp32 or bf16");
-  TORCH_CHECK(group_size > 0 && group_size % 64 == 0, "group size must be a multiple of 64");
+  TORCH_CHECK(group_size > 0 && group_size % 32 == 0, "group size must be a multiple of 32");
   const int64_t N = weight.size(0), G = scales.size(1), K = G * group_size;
   const int64_t padded_k = bits == 4 ? (K + 127) / 128 * 128 : K;
   TORCH_CHECK(weight.scalar_type() == at::kByte && weight.is_contiguous() && weight.dim() == 2 &&
