@@ -35,6 +35,15 @@ float dot(const float* a, const float* b, int64_t n) {
   return _mm512_reduce_add_ps(sum);
 }
 
+// Software prefetch into L2 (prefetcht1) one or more tiles ahead: the line at the same place of a later
+// tile's row, at least kTilePrefetchBytes ahead. Every line of W is prefetched once, each row's stream
+// starts prefetched (a fixed distance ahead of each row ran into the next row of the same tile instead),
+// and L1 fill buffers stay free for the loads. Measured against 1024 bytes ahead into L1 (kernels.h):
+// 5-25% less time per call on the benchmark shapes, one thread, weights from DRAM.
+constexpr int64_t kTilePrefetchBytes = 2048;
+
+inline void prefetch_l2(const void* p) { __builtin_prefetch(p, 0, 2); }
+
 // Scale factors of one 64-input chunk at k, lane-wise as vpdpbusd sums it (lane j: inputs k + 4j .. k + 4j + 3).
 // Blocks of 64/128: one scale for all lanes. Blocks of 32: lanes 0-7 hold block k/32, lanes 8-15 the next one
 // (its group index is clamped at the end of K, where the codes are zero).
@@ -48,7 +57,7 @@ inline __m512 chunk_scale(const float* p, int64_t i0, int64_t i1) {
 template <int R, int MB, int BLOCK, int BITS>
 void quant_tile(const QuantizedRows& xq, int64_t K, const uint8_t* w, const float* scales,
                 const float* zero_scales, int64_t group_size, const Bias& bias, int64_t n0, void* out,
-                int64_t ldo, OutType out_type) {
+                int64_t ldo, OutType out_type, int64_t pf) {  // pf: prefetch distance in bytes
   const int64_t G = xq.num_groups;
   const int64_t row_bytes = BITS == 8 ? K : xq.ld / 2;
   __m512 acc[R][MB];
@@ -87,7 +96,7 @@ void quant_tile(const QuantizedRows& xq, int64_t K, const uint8_t* w, const floa
     for (; k + 64 <= K; k += 64) {
       __m512i wv[R];
       for (int r = 0; r < R; ++r) {
-        prefetch_ahead(rows[r] + k);
+        prefetch_l2(rows[r] + k + pf);
         wv[r] = _mm512_loadu_si512(rows[r] + k);
       }
       accumulate(wv, k);
@@ -104,7 +113,7 @@ void quant_tile(const QuantizedRows& xq, int64_t K, const uint8_t* w, const floa
     for (int64_t k = 0; k < K; k += 128) {  // 64 bytes = 128 inputs per row (zero codes past K)
       __m512i lo[R], hi[R];
       for (int r = 0; r < R; ++r) {
-        prefetch_ahead(rows[r] + k / 2);
+        prefetch_l2(rows[r] + k / 2 + pf);
         const __m512i v = _mm512_loadu_si512(rows[r] + k / 2);
         lo[r] = _mm512_and_si512(v, low_nibbles);
         hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low_nibbles);
@@ -135,11 +144,15 @@ void quant_rows(const QuantizedRows& xq, int64_t K, const uint8_t* w, const floa
                 const float* zero_scales, int64_t group_size, const Bias& bias, void* out, int64_t ldo,
                 OutType out_type, int64_t n_begin, int64_t n_end) {
   constexpr int R = tile_rows<MB>();
+  const int64_t row_bytes = BITS == 8 ? K : xq.ld / 2;
+  const int64_t tile_bytes = R * row_bytes;  // prefetch distances: whole tiles (of R rows, then of 1 row)
+  const int64_t pf = (kTilePrefetchBytes + tile_bytes - 1) / tile_bytes * tile_bytes;
+  const int64_t pf1 = (kTilePrefetchBytes + row_bytes - 1) / row_bytes * row_bytes;
   int64_t n = n_begin;
   for (; n + R <= n_end; n += R)
-    quant_tile<R, MB, BLOCK, BITS>(xq, K, w, scales, zero_scales, group_size, bias, n, out, ldo, out_type);
+    quant_tile<R, MB, BLOCK, BITS>(xq, K, w, scales, zero_scales, group_size, bias, n, out, ldo, out_type, pf);
   for (; n < n_end; ++n)
-    quant_tile<1, MB, BLOCK, BITS>(xq, K, w, scales, zero_scales, group_size, bias, n, out, ldo, out_type);
+    quant_tile<1, MB, BLOCK, BITS>(xq, K, w, scales, zero_scales, group_size, bias, n, out, ldo, out_type, pf1);
 }
 
 template <int BLOCK, int BITS>
