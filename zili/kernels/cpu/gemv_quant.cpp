@@ -59,6 +59,7 @@ void quant_tile(const QuantizedRows& xq, int64_t K, const uint8_t* w, const floa
                 const float* zero_scales, int64_t group_size, const Bias& bias, int64_t n0, void* out,
                 int64_t ldo, OutType out_type, int64_t pf) {  // pf: prefetch distance in bytes
   const int64_t G = xq.num_groups;
+  const bool per_channel = G == 1;  // s[n] is applied once, at the end, instead of at every block
   const int64_t row_bytes = BITS == 8 ? K : xq.ld / 2;
   __m512 acc[R][MB];
   __m512i iacc[R][MB];
@@ -77,9 +78,10 @@ void quant_tile(const QuantizedRows& xq, int64_t K, const uint8_t* w, const floa
     __m512 xs[MB];
     for (int m = 0; m < MB; ++m) xs[m] = chunk_scale<BLOCK>(xq.scales + m * xq.scales_ld, b0, b1);
     for (int r = 0; r < R; ++r) {
-      const __m512 ws = chunk_scale<BLOCK>(row_scales[r], g0, g1);
+      const __m512 ws = per_channel ? _mm512_set1_ps(1.0f) : chunk_scale<BLOCK>(row_scales[r], g0, g1);
       for (int m = 0; m < MB; ++m) {
-        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r][m]), _mm512_mul_ps(ws, xs[m]), acc[r][m]);
+        const __m512 scale = per_channel ? xs[m] : _mm512_mul_ps(ws, xs[m]);
+        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r][m]), scale, acc[r][m]);
         iacc[r][m] = _mm512_setzero_si512();
       }
     }
@@ -92,15 +94,18 @@ void quant_tile(const QuantizedRows& xq, int64_t K, const uint8_t* w, const floa
   };
 
   if (BITS == 8) {
+    constexpr int kChunks = BLOCK == 128 ? 2 : 1;  // 64-input chunks per activation block
     int64_t k = 0;
-    for (; k + 64 <= K; k += 64) {
-      __m512i wv[R];
-      for (int r = 0; r < R; ++r) {
-        prefetch_l2(rows[r] + k + pf);
-        wv[r] = _mm512_loadu_si512(rows[r] + k);
+    for (; k + 64 * kChunks <= K; k += 64 * kChunks) {
+      for (int c = 0; c < kChunks; ++c) {
+        __m512i wv[R];
+        for (int r = 0; r < R; ++r) {
+          prefetch_l2(rows[r] + k + 64 * c + pf);
+          wv[r] = _mm512_loadu_si512(rows[r] + k + 64 * c);
+        }
+        accumulate(wv, k + 64 * c);
       }
-      accumulate(wv, k);
-      if (BLOCK != 128 || k % 128 == 64) flush(k);
+      flush(k + 64 * (kChunks - 1));
     }
     if (k < K) {  // 32 inputs left (blocks of 32 only): masked loads, x codes are zero past K
       __m512i wv[R];
@@ -131,7 +136,8 @@ void quant_tile(const QuantizedRows& xq, int64_t K, const uint8_t* w, const floa
     const float* row_zero_scales = zero_scales + (n0 + r) * G;
     for (int m = 0; m < MB; ++m) {
       const float zero_term = dot(row_zero_scales, xq.group_terms + m * G, G);
-      store(out, m * ldo + n0 + r, out_type, _mm512_reduce_add_ps(acc[r][m]) - zero_term + b);
+      const float sum = _mm512_reduce_add_ps(acc[r][m]) * (per_channel ? row_scales[r][0] : 1.0f);
+      store(out, m * ldo + n0 + r, out_type, sum - zero_term + b);
     }
   }
 }
