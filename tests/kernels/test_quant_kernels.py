@@ -178,3 +178,14 @@ def test_quant_linear_with_the_kernel(cpu_kernels):
     x = torch.randn(3, 128)
     error = (layer(x).double() - reference(x, weight) - bias.double()).abs()
     assert (error <= error_bound(x, weight) + 1e-6).all()
+
+
+def test_op_with_many_rows_and_scratch_reuse(cpu_kernels):
+    """linear_quant itself takes any M: past its per-thread scratch (1M codes) x gets buffers of its own."""
+    weight = random_weight(4, 8, 896, 32, symmetric=False)
+    kernel = CpuVnniInt4Kernel(weight)
+    for m in (1200, 2, 1200, 1):  # large, then small again: the scratch is reused, never stale
+        x = torch.randn(m, 896)
+        y = cpu_kernels.linear_quant(x, kernel.weight, kernel.scales, kernel.zero_scales, 4, 32)
+        assert y.shape == (m, 8)
+        assert ((y.double() - reference(x, weight)).abs() <= error_bound(x, weight)).all()

@@ -73,9 +73,15 @@ at::Tensor linear_quant(const at::Tensor& x, const at::Tensor& weight, const at:
                 t->size(1) == G, "scales and zero_scales must be contiguous fp32 (N, G)");
   }
   const at::Tensor xc = x.contiguous();
-  // The quantized activations live in this thread's scratch buffers, reused across calls (no allocation).
-  thread_local std::vector<int8_t> codes;
-  thread_local std::vector<float> floats;
+  // The quantized activations of decode-sized x live in this thread's scratch buffers, reused across
+  // calls (no allocation per call); a larger x gets buffers of its own, so the scratch stays small.
+  thread_local std::vector<int8_t> scratch_codes;
+  thread_local std::vector<float> scratch_floats;
+  std::vector<int8_t> own_codes;
+  std::vector<float> own_floats;
+  const bool small = M * padded_k <= (int64_t{1} << 20);
+  std::vector<int8_t>& codes = small ? scratch_codes : own_codes;
+  std::vector<float>& floats = small ? scratch_floats : own_floats;
   codes.resize(std::max<size_t>(codes.size(), M * padded_k));
   floats.resize(std::max<size_t>(floats.size(), M * (layout.scales_ld + G)));
   float* x_scales = floats.data();
