@@ -10,12 +10,17 @@
    the AMX / gemv crossover (gemm_amx_bf16.cpp kAmxMinRows) and MAX_KERNEL_ROWS["bf16"].
 3. Rows sweep (gate_up shape): time per call at M = 1..32 for each path, the crossover that sets
    zili.kernels.cpu_ext.MAX_KERNEL_ROWS.
-4. Whole-model batch-1 decode tok/s through zili.LLM's engine (128 tokens after a 16-token
+4. quant (--parts quant): zili's int8 / int4 kernels alone (torch.ops.zili_cpu.linear_quant) at M = 1, 2, 4, 8, 16
+   on the four layer shapes, int8 per channel, int4 groups of 128 and of 32, next to zili bf16:
+   GB/s of weight bytes (codes + scales + zero_scales) per second against the streaming read, and
+   the fixed cost of one call (a 16-row layer whose weights stay in cache; next to it, the cost of
+   a trivial op through the same dispatcher) that every one of the 96 linears of a token pays.
+5. Whole-model batch-1 decode tok/s through zili.LLM's engine (128 tokens after a 16-token
    prompt, one child process per run) with and without the kernels (ZILI_CPU_KERNELS=0), bf16
    and, where benchmarks/work/quantized/ has them, int8 / int4; "% of bound" = tok/s x weight
    bytes / the streaming-read bandwidth measured over a buffer as large as the weights.
 
-    python benchmarks/kernels_bench.py [--threads 2] [--reps 5] [--parts layers,amx,rows,model]
+    python benchmarks/kernels_bench.py [--threads 2] [--reps 5] [--parts layers,amx,rows,quant,model]
 
 Timings are medians; the load average is reported because the machine may be shared. On a busy
 machine, `--threads 1 --clock cpu` times this thread's CPU time instead of wall time.
@@ -195,6 +200,63 @@ def amx_table(target_bytes: int, reps: int, ms: list[int]) -> list[dict]:
     finally:
         ops.set_bf16_matmul_path("auto")
     return rows
+QUANT_FORMATS = {"int8": (8, None), "int4-g128": (4, 128), "int4-g32": (4, 32)}  # name -> (bits, group; None: per channel)
+
+
+def quant_table(target_bytes: int, reps: int, ms: list[int]) -> dict:
+    """Per-layer rate of linear_quant (and of linear_bf16, for scale) at each M, plus its fixed cost per call."""
+    rows = []
+    op = torch.ops.zili_cpu.linear_quant
+    for layer, (k, n) in SHAPES.items():
+        if layer == "lm_head":  # not quantized in the benchmark checkpoints
+            continue
+        weight = (torch.randn(n, k) * 0.02).bfloat16()
+        formats = {"zili-bf16": (16, None)} | QUANT_FORMATS
+        for name, (bits, group) in formats.items():
+            if bits == 16:
+                state, nbytes = weight, 2 * n * k
+                call = lambda x, w: cpu_ext.linear_bf16(x, w)  # noqa: E731
+            else:
+                group = group or k
+                kernel = (CpuVnniInt8Kernel if bits == 8 else CpuVnniInt4Kernel)(quantized(weight, bits, group))
+                state = (kernel.weight, kernel.scales, kernel.zero_scales)
+                nbytes = sum(t.numel() * t.element_size() for t in state)
+                call = lambda x, s, bits=bits, group=group: op(x, *s, bits, group, None)  # noqa: E731
+            states = copies_of(state, max(1, math.ceil(target_bytes / nbytes)))
+            for m in ms:
+                seconds = seconds_per_call(call, states, torch.randn(m, k).bfloat16(), reps)
+                rows.append({"layer": layer, "K": k, "N": n, "format": name, "M": m, "bytes": nbytes,
+                             "us": seconds * 1e6, "gbps": nbytes / seconds / 1e9})
+                log(f"{layer:8s} {name:10s} M={m:2d} {seconds * 1e6:8.1f} us {nbytes / seconds / 1e9:6.1f} GB/s")
+            del states
+    fixed = {}
+    x = torch.randn(1, 896).bfloat16()
+    for name, (bits, group) in QUANT_FORMATS.items():
+        group = group or 896
+        kernel = (CpuVnniInt8Kernel if bits == 8 else CpuVnniInt4Kernel)(
+            quantized((torch.randn(16, 896) * 0.02).bfloat16(), bits, group))
+        state = (kernel.weight, kernel.scales, kernel.zero_scales)
+        fixed[name] = seconds_per_call(lambda x, s, b=bits, g=group: op(x, *s, b, g, None), [state] * 2000, x, reps) * 1e6
+    fixed["trivial-op"] = seconds_per_call(lambda x, s: torch.ops.aten.add.Tensor(x, x), [None] * 2000, x, reps) * 1e6
+    log("fixed cost per call (16 x 896 weight, in cache): "
+        + ", ".join(f"{name} {us:.2f} us" for name, us in fixed.items()))
+    return {"layers": rows, "fixed_us": fixed}
+
+
+def quant_markdown(result: dict, bandwidth: float) -> list[str]:
+    table = result["quant"]
+    ms = sorted({row["M"] for row in table["layers"]})
+    lines = ["| layer (K -> N) | format | MB | " + " | ".join(f"M={m}" for m in ms) + " |",
+             "|---|---|---|" + "---|" * len(ms)]
+    for layer in dict.fromkeys(row["layer"] for row in table["layers"]):
+        for name in dict.fromkeys(row["format"] for row in table["layers"]):
+            cells = {row["M"]: row for row in table["layers"] if row["layer"] == layer and row["format"] == name}
+            first = next(iter(cells.values()))
+            lines.append(f"| {layer} ({first['K']} -> {first['N']}) | {name} | {first['bytes'] / 1e6:.2f} | "
+                         + " | ".join(f"{cells[m]['us']:.0f} us {cells[m]['gbps']:.1f} GB/s "
+                                      f"({100 * cells[m]['gbps'] / bandwidth:.0f}%)" for m in ms) + " |")
+    lines += ["", "fixed cost per call: " + ", ".join(f"{k} {v:.2f} us" for k, v in table["fixed_us"].items()), ""]
+    return lines
 
 
 def decode_child(folder: str, tokens: int, reps: int) -> dict:
@@ -280,6 +342,8 @@ def markdown(result: dict) -> str:
             cells = [f"{rows[n]['us'] / 1e3:.3f} ({rows[n]['gbps']:.1f}; {rows[n]['best_gbps']:.1f})" for n in names]
             lines.append(f"| {key[0]} ({first['K']} -> {first['N']}) | {key[1]} | " + " | ".join(cells) + " |")
         lines.append("")
+    if result.get("quant"):
+        lines += quant_markdown(result, bandwidth)
     if result.get("model"):
         lines += ["| precision | zili kernels | decode tok/s | % of bandwidth bound |", "|---|---|---|---|"]
         lines += [f"| {r['precision']} | {'on' if r['zili_kernels'] else 'off'} | {r['decode_tok_s']:.1f} | "
@@ -291,12 +355,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--parts", default="layers,amx,rows,model")
+    parser.add_argument("--parts", default="layers,amx,rows,quant,model")
     parser.add_argument("--variants", default="torch-bf16,zili-bf16,torch-int8,zili-int8,torch-int4,zili-int4")
     parser.add_argument("--target-bytes", type=int, default=0,
                         help="weights cycled through per layer measurement (default: the bf16 model's)")
     parser.add_argument("--rows", default="1,2,4,8,12,16,24,32", help="M values of the rows sweep")
     parser.add_argument("--amx-rows", default="1,2,4,8,16,32", help="M values of the amx part")
+    parser.add_argument("--quant-rows", default="1,2,4,8,16", help="M values of the quant part")
     parser.add_argument("--precisions", default="bf16,int8,int4")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="cpu: per-call CPU time of the (single) thread, for a machine shared with other work")
@@ -331,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     if "rows" in parts:
         sweep_names = names + ["zili-int4-dequant"]
         result["rows"] = rows_sweep(target, args.reps, [int(m) for m in args.rows.split(",")], sweep_names)
+    if "quant" in parts:
+        result["quant"] = quant_table(target, args.reps, [int(m) for m in args.quant_rows.split(",")])
     if "model" in parts:
         result["model"] = model_table(args, args.precisions.split(","))
     result["load_average_at_end"] = os.getloadavg()

@@ -116,10 +116,10 @@ def test_bf16_decode_matches_the_python_model(case, folders, cpu_kernels):
     assert_agrees(compare_decode(load_bf16(folders[case])))
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_quantized_decode_matches_the_python_model(bits, folders, cpu_kernels):
+@pytest.mark.parametrize("bits,group_size", [(8, 64), (4, 64), (4, 32)])
+def test_quantized_decode_matches_the_python_model(bits, group_size, folders, cpu_kernels):
     model = load_bf16(folders["qwen2-bias"])
-    quantize_decoder_layers(model, bits)
+    quantize_decoder_layers(model, bits, group_size)
     # the kernels quantize activations to int8 per block: where the paths' inputs differ by a bf16 ulp
     # (the Python layer adds the bias after rounding, the op before), a code can round to its neighbour
     assert_agrees(compare_decode(model), kv_tolerance=0.04)

@@ -1,7 +1,7 @@
 """zili's VNNI int8 / int4 kernels (quant_kernels.py, cpu/gemv_quant.cpp) against dequantize-then-matmul.
 
 The only approximation is the int8 quantization of activations per block of B = 128 inputs (64
-when the weight group is not a multiple of 128): |x - scale_b * q| <= scale_b / 2 = amax_b / 254.
+when the weight group is not a multiple of 128, 32 when it is not one of 64): |x - scale_b * q| <= scale_b / 2 = amax_b / 254.
 So for every output, |y - x @ W.T| <= sum_b amax_b / 254 * sum_{k in b} |W[n, k]|, plus fp32
 rounding (1e-5 of sum |x| |W|). Activations already on each block's int8 grid make the kernel exact.
 """
@@ -29,7 +29,7 @@ def random_weight(bits, n, k, group, symmetric=True, permuted=False, seed=0):
 
 
 def activation_block(group):
-    return 128 if group % 128 == 0 else 64
+    return 128 if group % 128 == 0 else 64 if group % 64 == 0 else 32
 
 
 def error_bound(x, weight):
@@ -54,10 +54,17 @@ CASES = [  # bits, N, K, group, symmetric, permuted
     (4, 17, 192, 64, False, False),    # K = 192: the last packed chunk is half padding
     (4, 96, 896, 128, False, True),
     (4, 16, 384, 384, True, False),    # per channel, activation blocks of 128
+    (8, 37, 256, 32, False, False),    # groups of 32: two activation blocks per vpdpbusd
+    (8, 21, 160, 32, True, True),      # K = 160: a 32-input tail past the last full 64
+    (4, 45, 256, 32, False, False),
+    (4, 19, 160, 32, True, True),      # K = 160: one packed chunk holds 32 real inputs
+    (4, 10, 224, 32, False, False),    # K = 224: the high half of the last chunk is half padding
+    (8, 9, 288, 96, False, False),     # groups of 3 blocks of 32
+    (4, 12, 192, 96, True, False),
 ]
 
 
-@pytest.mark.parametrize("m", [1, 3, 8, 20])  # 20: panels of W reused for groups of 8 rows
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 16, 20, 24])  # > 8: panels of W reused per 8 rows
 @pytest.mark.parametrize("bits,n,k,group,symmetric,permuted", CASES)
 def test_kernel_is_within_the_activation_quantization_bound(cpu_kernels, m, bits, n, k, group, symmetric, permuted):
     weight = random_weight(bits, n, k, group, symmetric, permuted)
@@ -118,7 +125,8 @@ def test_large_inputs_take_the_dequantized_path(cpu_kernels, monkeypatch, bits):
     torch.testing.assert_close(kernel(x).double(), reference(x, weight), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("bits,n,k,group", [(8, 40, 192, 64), (4, 17, 192, 64), (4, 33, 896, 128), (8, 5, 256, 256)])
+@pytest.mark.parametrize("bits,n,k,group", [(8, 40, 192, 64), (4, 17, 192, 64), (4, 33, 896, 128), (8, 5, 256, 256),
+                                           (8, 7, 160, 32), (4, 9, 160, 32), (4, 6, 224, 32)])
 def test_dequantize_op_matches_the_pytorch_dequantization(cpu_kernels, bits, n, k, group):
     kernel = KERNELS[bits](random_weight(bits, n, k, group, symmetric=False))
     expected = kernel.dequantized(slice(3, n), torch.float32)      # codes * s - s * z in PyTorch ops
@@ -155,7 +163,8 @@ def test_kernel_choice(cpu_kernels, monkeypatch):
     monkeypatch.delenv("ZILI_QUANT_KERNEL", raising=False)
     assert select_kernel(random_weight(4, 32, 256, 128), "cpu").name == "cpu-vnni-int4"
     assert select_kernel(random_weight(8, 32, 256, 64, symmetric=False), "cpu").name == "cpu-vnni-int8"
-    assert select_kernel(random_weight(4, 32, 64, 32), "cpu").name == "cpu-int4"   # groups of 32: PyTorch's
+    assert select_kernel(random_weight(4, 32, 64, 32), "cpu").name == "cpu-vnni-int4"   # groups of 32 too
+    assert not CpuVnniInt4Kernel.supports(random_weight(4, 32, 64, 16), torch.device("cpu"))  # not 16
     assert not CpuVnniInt4Kernel.supports(random_weight(4, 32, 256, 128), torch.device("meta"))
     kernels_off(monkeypatch)
     assert select_kernel(random_weight(4, 32, 256, 128), "cpu").name == "cpu-int4"
@@ -169,3 +178,14 @@ def test_quant_linear_with_the_kernel(cpu_kernels):
     x = torch.randn(3, 128)
     error = (layer(x).double() - reference(x, weight) - bias.double()).abs()
     assert (error <= error_bound(x, weight) + 1e-6).all()
+
+
+def test_op_with_many_rows_and_scratch_reuse(cpu_kernels):
+    """linear_quant itself takes any M: past its per-thread scratch (1M codes) x gets buffers of its own."""
+    weight = random_weight(4, 8, 896, 32, symmetric=False)
+    kernel = CpuVnniInt4Kernel(weight)
+    for m in (1200, 2, 1200, 1):  # large, then small again: the scratch is reused, never stale
+        x = torch.randn(m, 896)
+        y = cpu_kernels.linear_quant(x, kernel.weight, kernel.scales, kernel.zero_scales, 4, 32)
+        assert y.shape == (m, 8)
+        assert ((y.double() - reference(x, weight)).abs() <= error_bound(x, weight)).all()

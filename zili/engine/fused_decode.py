@@ -39,7 +39,7 @@ def _linear_args(layer: nn.Module) -> tuple[list[torch.Tensor | None], list[int]
         return [weight, None, None, bias], [BF16_BITS, 0]
     if isinstance(layer, QuantLinear) and isinstance(layer.kernel, _VnniKernel):
         kernel = layer.kernel
-        if kernel.perm is not None or kernel.group_size % 64:
+        if kernel.perm is not None:
             return None
         return [kernel.weight, kernel.scales, kernel.zero_scales, layer.bias], [kernel.bits, kernel.group_size]
     return None

@@ -7,7 +7,8 @@ extension is available. Layout, packed once at construction:
   with K_pad = K rounded up to 128: in every 128-input chunk, byte j holds input j in its low
   nibble and input j + 64 in its high nibble (one 64-byte load feeds two vpdpbusd).
 - scales (N, G) fp32 and zero_scales = scales * zeros (N, G) fp32.
-Decode-sized inputs (cpu_ext.MAX_KERNEL_ROWS) quantize x to int8 per block of 64/128 inputs and
+Groups: any multiple of 32 inputs (per channel = one group of K). Decode-sized inputs
+(cpu_ext.MAX_KERNEL_ROWS) quantize x to int8 per block of 32/64/128 inputs (the largest dividing the group) and
 run the VNNI kernel; larger inputs (prefill) dequantize slices of the weight to x's dtype and use
 F.linear (oneDNN/AMX), which is compute-rich there. No dequantized copy is kept.
 """
@@ -60,7 +61,7 @@ class _VnniKernel(nn.Module):
 
     @classmethod
     def supports(cls, weight: QuantizedWeight, device: torch.device) -> bool:
-        return (torch.device(device).type == "cpu" and weight.bits == cls.bits and weight.group_size % 64 == 0
+        return (torch.device(device).type == "cpu" and weight.bits == cls.bits and weight.group_size % 32 == 0
                 and cpu_ext.available())
 
     def codes(self, rows: slice) -> torch.Tensor:
@@ -98,14 +99,14 @@ class _VnniKernel(nn.Module):
 
 
 class CpuVnniInt8Kernel(_VnniKernel):
-    """int8 codes (any zero points, groups of a multiple of 64 or per channel), int8 activations."""
+    """int8 codes (any zero points, groups of a multiple of 32 or per channel), int8 activations."""
 
     name = "cpu-vnni-int8"
     bits = 8
 
 
 class CpuVnniInt4Kernel(_VnniKernel):
-    """int4 codes packed two per byte (groups of a multiple of 64 or per channel), int8 activations."""
+    """int4 codes packed two per byte (groups of a multiple of 32 or per channel), int8 activations."""
 
     name = "cpu-vnni-int4"
     bits = 4

@@ -28,8 +28,6 @@
 namespace zili_cpu {
 namespace {
 
-constexpr int64_t kGrainRows = 32;  // smallest slice of N worth a thread (as in ops.cpp)
-
 // --- bf16 vectors -------------------------------------------------------------------------------
 
 inline __m512 load_bf16(const uint16_t* p, __mmask16 mask = 0xffff) {
@@ -92,21 +90,9 @@ void run_linear(const Linear& linear, const uint16_t* x, int64_t M, int64_t K, u
                         OutType::kBFloat16, N);
     return;
   }
-  const int64_t group_size = linear.group_size, G = K / group_size;
-  const int64_t padded_k = linear.bits == 4 ? (K + 127) / 128 * 128 : K;
-  const int64_t block = group_size % 128 == 0 ? 128 : 64;
-  std::vector<int8_t> codes(M * padded_k);
-  std::vector<float> x_scales(M * (padded_k / 64)), group_terms(M * G);
-  quantize_rows(x, true, K, M, K, group_size, block, codes.data(), padded_k, x_scales.data(), padded_k / 64,
-                group_terms.data());
-  const QuantizedRows rows{codes.data(), padded_k, x_scales.data(), padded_k / 64, group_terms.data(), G, block};
-  const auto* w = linear.weight->data_ptr<uint8_t>();
-  const float* s = linear.scales->data_ptr<float>();
-  const float* zs = linear.zero_scales->data_ptr<float>();
-  const int bits = static_cast<int>(linear.bits);
-  at::parallel_for(0, N, kGrainRows, [&](int64_t begin, int64_t end) {
-    gemv_quant(rows, M, K, w, bits, s, zs, group_size, bias, out, N, OutType::kBFloat16, begin, end);
-  });
+  linear_quant_threads(x, true, M, K, linear.weight->data_ptr<uint8_t>(), static_cast<int>(linear.bits),
+                       linear.scales->data_ptr<float>(), linear.zero_scales->data_ptr<float>(), linear.group_size,
+                       bias, out, OutType::kBFloat16, N);
 }
 
 // --- activations --------------------------------------------------------------------------------
@@ -361,8 +347,8 @@ void decode_layer(const at::Tensor& hidden, const c10::List<std::optional<at::Te
       TORCH_CHECK(l.weight->scalar_type() == at::kBFloat16, "linear ", i, ": bf16 weight expected");
     } else {
       TORCH_CHECK((l.bits == 8 || l.bits == 4) && l.weight->scalar_type() == at::kByte && l.scales != nullptr &&
-                  l.zero_scales != nullptr && l.group_size > 0 && l.group_size % 64 == 0,
-                  "linear ", i, ": quantized weights need uint8 codes, scales, zero_scales and a group size of 64k");
+                  l.zero_scales != nullptr && l.group_size > 0 && l.group_size % 32 == 0,
+                  "linear ", i, ": quantized weights need uint8 codes, scales, zero_scales and a group size of 32k");
     }
     if (l.bias != nullptr) {
       TORCH_CHECK(l.bias->is_contiguous() && l.bias->numel() == l.out_features &&
@@ -375,7 +361,7 @@ void decode_layer(const at::Tensor& hidden, const c10::List<std::optional<at::Te
               linears[3].out_features == H && linears[2].out_features == 2 * intermediate,
               "decode_layer: linear shapes do not match the attention / hidden sizes");
   auto check_k = [&](const Linear& l, int64_t K) {
-    const int64_t stored = l.bits == 16 ? K : l.bits == 8 ? K : (K + 127) / 128 * 128 / 2;
+    const int64_t stored = l.bits == 4 ? quant_layout(K, 4, l.group_size).padded_k / 2 : K;
     TORCH_CHECK(l.weight->size(1) == stored && (l.bits == 16 || (K % l.group_size == 0 &&
                 l.scales->size(1) == K / l.group_size)), "decode_layer: a linear's input size does not match");
   };

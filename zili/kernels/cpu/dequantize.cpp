@@ -1,5 +1,5 @@
 // Dequantize rows of an int8 / int4 weight in the kernels' layout (kernels.h) to fp32 or bf16:
-// w = codes * s - s * z, 16 inputs at a time (a group, a multiple of 64 inputs, never splits them).
+// w = codes * s - s * z, 16 inputs at a time (a group, a multiple of 32 inputs, never splits them).
 // Used for inputs too large for the GEMV kernels: slices of the weight feed PyTorch's GEMM.
 #include <immintrin.h>
 
@@ -47,13 +47,16 @@ void dequantize_rows(const uint8_t* w, int bits, int64_t K, const float* scales,
       const __m512i v = _mm512_loadu_si512(row + k / 2);
       const __m512i halves[2] = {_mm512_and_si512(v, low_nibbles),
                                  _mm512_and_si512(_mm512_srli_epi16(v, 4), low_nibbles)};
-      for (int half = 0; half < 2 && k + 64 * half < K; ++half) {
-        const int64_t k0 = k + 64 * half;
-        const auto [s, zs] = group_scales(k0);
-        store16(_mm512_extracti32x4_epi32(halves[half], 0), s, zs, out, out_row + k0, out_type);
-        store16(_mm512_extracti32x4_epi32(halves[half], 1), s, zs, out, out_row + k0 + 16, out_type);
-        store16(_mm512_extracti32x4_epi32(halves[half], 2), s, zs, out, out_row + k0 + 32, out_type);
-        store16(_mm512_extracti32x4_epi32(halves[half], 3), s, zs, out, out_row + k0 + 48, out_type);
+      for (int half = 0; half < 2; ++half) {
+        for (int j = 0; j < 4 && k + 64 * half + 16 * j < K; ++j) {  // K is a multiple of 32
+          const int64_t k0 = k + 64 * half + 16 * j;
+          const auto [s, zs] = group_scales(k0);
+          const __m128i codes = j == 0 ? _mm512_extracti32x4_epi32(halves[half], 0)
+                                : j == 1 ? _mm512_extracti32x4_epi32(halves[half], 1)
+                                : j == 2 ? _mm512_extracti32x4_epi32(halves[half], 2)
+                                         : _mm512_extracti32x4_epi32(halves[half], 3);
+          store16(codes, s, zs, out, out_row + k0, out_type);
+        }
       }
     }
   }

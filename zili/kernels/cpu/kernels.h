@@ -69,7 +69,7 @@ void gemv_bf16(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, const uint1
 void matmul_bf16(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, const uint16_t* w,
                  Bias bias, void* out, int64_t ldo, OutType out_type, int64_t n_begin, int64_t n_end);
 
-// Activations quantized to signed int8 per block of `block` (64 or 128) inputs, as the int kernels read them.
+// Activations quantized to signed int8 per block of `block` (32, 64 or 128) inputs, as the int kernels read them.
 struct QuantizedRows {
   const int8_t* codes;       // (M, K_padded) x / scale rounded, zero past K
   int64_t ld;                // K_padded
@@ -77,8 +77,23 @@ struct QuantizedRows {
   int64_t scales_ld;
   const float* group_terms;  // (M, G): sum over the group's blocks of scale * sum(codes)
   int64_t num_groups;
-  int64_t block;             // 64 or 128 inputs per activation block; divides the weight group
+  int64_t block;             // 32, 64 or 128 inputs per activation block; divides the weight group
 };
+
+// Sizes of the QuantizedRows buffers for a weight of K inputs, `bits` 8 / 4, groups of `group_size`
+// (a multiple of 32 dividing K): codes (M, padded_k), scales (M, scales_ld), group_terms (M, num_groups).
+struct QuantLayout {
+  int64_t block, padded_k, scales_ld, num_groups;
+};
+inline QuantLayout quant_layout(int64_t K, int bits, int64_t group_size) {
+  QuantLayout l;
+  l.block = group_size % 128 == 0 ? 128 : group_size % 64 == 0 ? 64 : 32;
+  const int64_t chunk = bits == 4 ? 128 : 64;  // K = 32 mod 64 (blocks of 32) pads int8 codes to 64
+  l.padded_k = (K + chunk - 1) / chunk * chunk;
+  l.scales_ld = l.padded_k / (l.block == 32 ? 32 : 64);
+  l.num_groups = K / group_size;
+  return l;
+}
 
 // x (M, K) fp32 or bf16 -> int8 codes, block scales, group terms (buffers sized as QuantizedRows says).
 void quantize_rows(const void* x, bool x_is_bf16, int64_t ldx, int64_t M, int64_t K, int64_t group_size,
@@ -86,6 +101,7 @@ void quantize_rows(const void* x, bool x_is_bf16, int64_t ldx, int64_t M, int64_
                    float* group_terms);
 
 // Weight (N, K) of unsigned codes with group scales s and zero points z: W = (codes - z) * s.
+// group_size: a multiple of 32 that divides K (and of the activation block, quant_layout).
 //   bits 8: codes (N, K) uint8 row-major.
 //   bits 4: (N, K_padded / 2) uint8; in every 128-input chunk, byte j holds input j in its low
 //           nibble and input j + 64 in its high nibble (K_padded = K rounded up to 128).

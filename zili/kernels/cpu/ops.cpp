@@ -55,38 +55,23 @@ at::Tensor linear_quant(const at::Tensor& x, const at::Tensor& weight, const at:
                         const std::optional<at::Tensor>& bias) {
   check_rows(x);
   TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4");
-  TORCH_CHECK(group_size > 0 && group_size % 64 == 0, "group size must be a multiple of 64");
+  TORCH_CHECK(group_size > 0 && group_size % 32 == 0, "group size must be a multiple of 32");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   TORCH_CHECK(K % group_size == 0, "group size ", group_size, " does not divide K = ", K);
-  const int64_t G = K / group_size;
-  const int64_t padded_k = bits == 4 ? (K + 127) / 128 * 128 : K;
+  const QuantLayout layout = quant_layout(K, static_cast<int>(bits), group_size);
+  const int64_t G = layout.num_groups, padded_k = layout.padded_k;
+  const int64_t row_bytes = bits == 8 ? K : padded_k / 2;
   TORCH_CHECK(weight.scalar_type() == at::kByte && weight.is_contiguous() && weight.dim() == 2 &&
-              weight.size(1) == (bits == 8 ? K : padded_k / 2), "weight must be contiguous uint8 (N, ",
-              bits == 8 ? K : padded_k / 2, ")");
+              weight.size(1) == row_bytes, "weight must be contiguous uint8 (N, ", row_bytes, ")");
   for (const at::Tensor* t : {&scales, &zero_scales}) {
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 && t->size(0) == N &&
                 t->size(1) == G, "scales and zero_scales must be contiguous fp32 (N, G)");
   }
-  const int64_t block = group_size % 128 == 0 ? 128 : 64;
   const at::Tensor xc = x.contiguous();
-  at::Tensor codes = at::empty({M, padded_k}, x.options().dtype(at::kChar));
-  at::Tensor x_scales = at::empty({M, padded_k / 64}, x.options().dtype(at::kFloat));
-  at::Tensor group_terms = at::empty({M, G}, x.options().dtype(at::kFloat));
-  quantize_rows(xc.data_ptr(), xc.scalar_type() == at::kBFloat16, K, M, K, group_size, block,
-                codes.data_ptr<int8_t>(), padded_k, x_scales.data_ptr<float>(), padded_k / 64,
-                group_terms.data_ptr<float>());
-  const QuantizedRows rows{codes.data_ptr<int8_t>(), padded_k, x_scales.data_ptr<float>(), padded_k / 64,
-                           group_terms.data_ptr<float>(), G, block};
   at::Tensor out = at::empty({M, N}, x.options());
-  const Bias b = bias_of(bias, N);
-  const auto* wp = weight.data_ptr<uint8_t>();
-  const float* sp = scales.data_ptr<float>();
-  const float* zp = zero_scales.data_ptr<float>();
-  void* op = out.data_ptr();
-  const OutType type = out_type_of(out);
-  at::parallel_for(0, N, kGrainRows, [&](int64_t begin, int64_t end) {
-    gemv_quant(rows, M, K, wp, static_cast<int>(bits), sp, zp, group_size, b, op, N, type, begin, end);
-  });
+  linear_quant_threads(xc.data_ptr(), xc.scalar_type() == at::kBFloat16, M, K, weight.data_ptr<uint8_t>(),
+                       static_cast<int>(bits), scales.data_ptr<float>(), zero_scales.data_ptr<float>(), group_size,
+                       bias_of(bias, N), out.data_ptr(), out_type_of(out), N);
   return out;
 }
 
@@ -95,7 +80,7 @@ at::Tensor dequantize(const at::Tensor& weight, const at::Tensor& scales, const 
                       int64_t bits, int64_t group_size, int64_t row_begin, int64_t row_end, at::ScalarType dtype) {
   TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4");
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dequantize to fp32 or bf16");
-  TORCH_CHECK(group_size > 0 && group_size % 64 == 0, "group size must be a multiple of 64");
+  TORCH_CHECK(group_size > 0 && group_size % 32 == 0, "group size must be a multiple of 32");
   const int64_t N = weight.size(0), G = scales.size(1), K = G * group_size;
   const int64_t padded_k = bits == 4 ? (K + 127) / 128 * 128 : K;
   TORCH_CHECK(weight.scalar_type() == at::kByte && weight.is_contiguous() && weight.dim() == 2 &&

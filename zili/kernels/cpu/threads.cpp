@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <vector>
 
 namespace zili_cpu {
 
@@ -16,6 +17,32 @@ void linear_bf16_threads(const uint16_t* x, int64_t M, int64_t K, const uint16_t
   const int64_t blocks = (N + 15) / 16;
   at::parallel_for(0, blocks, kGrainRows / 16, [&](int64_t begin, int64_t end) {
     matmul_bf16(x, K, M, K, w, bias, out, N, out_type, begin * 16, std::min(end * 16, N));
+  });
+}
+
+void linear_quant_threads(const void* x, bool x_is_bf16, int64_t M, int64_t K, const uint8_t* w, int bits,
+                          const float* scales, const float* zero_scales, int64_t group_size, Bias bias, void* out,
+                          OutType out_type, int64_t N) {
+  const QuantLayout layout = quant_layout(K, bits, group_size);
+  const int64_t G = layout.num_groups, padded_k = layout.padded_k;
+  // The quantized activations of decode-sized x live in this thread's scratch buffers, reused across
+  // calls (no allocation per call); a larger x gets buffers of its own, so the scratch stays small.
+  thread_local std::vector<int8_t> scratch_codes;
+  thread_local std::vector<float> scratch_floats;
+  std::vector<int8_t> own_codes;
+  std::vector<float> own_floats;
+  const bool small = M * padded_k <= (int64_t{1} << 20);
+  std::vector<int8_t>& codes = small ? scratch_codes : own_codes;
+  std::vector<float>& floats = small ? scratch_floats : own_floats;
+  codes.resize(std::max<size_t>(codes.size(), M * padded_k));
+  floats.resize(std::max<size_t>(floats.size(), M * (layout.scales_ld + G)));
+  float* x_scales = floats.data();
+  float* group_terms = x_scales + M * layout.scales_ld;
+  quantize_rows(x, x_is_bf16, K, M, K, group_size, layout.block, codes.data(), padded_k, x_scales, layout.scales_ld,
+                group_terms);
+  const QuantizedRows rows{codes.data(), padded_k, x_scales, layout.scales_ld, group_terms, G, layout.block};
+  at::parallel_for(0, N, kGrainRows, [&](int64_t begin, int64_t end) {
+    gemv_quant(rows, M, K, w, bits, scales, zero_scales, group_size, bias, out, N, out_type, begin, end);
   });
 }
 
