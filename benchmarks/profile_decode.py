@@ -46,6 +46,7 @@ CATEGORIES = (
     ("layers/activation.py", "activation"),
     ("layers/sampler.py", "sampling"),
     ("engine/model_runner.py", "runner (inputs, logits)"),
+    ("engine/fused_decode.py", "decoder layers (fused C++: GEMVs, attention, norms)"),
     ("models/", "model glue (embedding, residual adds)"),
     ("engine/", "engine (scheduler, outputs)"),
 )
