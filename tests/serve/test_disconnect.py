@@ -2,7 +2,8 @@
 
 50 long requests (half streamed) are abandoned after 0.5 s. Then a normal request completes,
 once the last abandoned connection is noticed the engine shows nothing running or waiting and no
-KV block in use, while its abort counter shows the abandoned requests were cut short.
+KV block in use, while its abort counter shows the abandoned requests were cut short (more aborted
+than finished unread).
 """
 
 from __future__ import annotations
@@ -46,5 +47,9 @@ def test_disconnects_cancel_work_and_free_blocks(server):
     assert after["zili_engine_kv_blocks_used"] == 0
     aborted = after["zili_engine_requests_aborted_total"] - before["zili_engine_requests_aborted_total"]
     finished = after["zili_engine_requests_finished_total"] - before["zili_engine_requests_finished_total"]
-    # every abandoned request that reached the engine was aborted rather than run to its 120 tokens
-    assert aborted >= 1 and finished <= outcomes.count("finished") + 1
+    # abandoned requests that reached the engine were aborted rather than run to their 120 tokens; a
+    # request the engine finished while its client was still reading behind it (the first of eight
+    # concurrent sequences can make 120 tokens of the tiny model within the patience) counts as
+    # finished in the engine and abandoned by the client, so the two are compared, not equated
+    finished_unread = finished - 1 - outcomes.count("finished")  # the 1: the normal request
+    assert aborted >= 1 and finished_unread < aborted
