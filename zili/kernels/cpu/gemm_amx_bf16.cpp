@@ -23,6 +23,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <type_traits>
 
 #include "kernels.h"
 
@@ -231,26 +232,22 @@ void amx_matmul(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, const uint
   pack_x(x, ldx, M, K, Kp, xp);
   compiler_barrier();
   configure_tiles();
+  // W rows [n, n + 16 * NB) against every group of up to 32 rows of x
+  auto w_block = [&](auto nb, int64_t n) {
+    constexpr int NB = decltype(nb)::value;
+    for (int64_t m0 = 0; m0 < M; m0 += 32) {
+      const uint32_t* xg = xp + (m0 / 16) * gstride;
+      if (M - m0 > 16) {
+        amx_block<NB, 2>(xg, gstride, M, K, w, n, m0, bias, out, ldo, out_type);
+      } else {
+        amx_block<NB, 1>(xg, gstride, M, K, w, n, m0, bias, out, ldo, out_type);
+      }
+    }
+  };
   int64_t n = n_begin;
-  for (; n + 32 <= n_end; n += 32) {
-    for (int64_t m0 = 0; m0 < M; m0 += 32) {
-      const uint32_t* xg = xp + (m0 / 16) * gstride;
-      if (M - m0 > 16) {
-        amx_block<2, 2>(xg, gstride, M, K, w, n, m0, bias, out, ldo, out_type);
-      } else {
-        amx_block<2, 1>(xg, gstride, M, K, w, n, m0, bias, out, ldo, out_type);
-      }
-    }
-  }
+  for (; n + 32 <= n_end; n += 32) w_block(std::integral_constant<int, 2>{}, n);
   if (n + 16 <= n_end) {
-    for (int64_t m0 = 0; m0 < M; m0 += 32) {
-      const uint32_t* xg = xp + (m0 / 16) * gstride;
-      if (M - m0 > 16) {
-        amx_block<1, 2>(xg, gstride, M, K, w, n, m0, bias, out, ldo, out_type);
-      } else {
-        amx_block<1, 1>(xg, gstride, M, K, w, n, m0, bias, out, ldo, out_type);
-      }
-    }
+    w_block(std::integral_constant<int, 1>{}, n);
     n += 16;
   }
   _tile_release();  // back to the init state: cheaper context switches, no stale config for others
