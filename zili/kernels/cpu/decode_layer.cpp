@@ -205,45 +205,33 @@ struct PagedCache {
   }
 };
 
+// 16 channels of a cached k or v vector from channel d on, as fp32; an int8 cache gives the codes,
+// which the caller multiplies by the vector's scale.
+inline __m512 load_cached(const PagedCache& cache, int which, int64_t head, int64_t slot, int64_t d, __mmask16 mask) {
+  if (cache.scales == nullptr) return load_bf16(cache.bf16_vector(which, head, slot) + d, mask);
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, cache.int8_vector(which, head, slot) + d)));
+}
+
 // dot(q, cached vector) with q in fp32.
 float dot_cached(const float* q, const PagedCache& cache, int which, int64_t head, int64_t slot) {
   const int64_t D = cache.head_dim;
   __m512 sum = _mm512_setzero_ps();
-  if (cache.scales == nullptr) {
-    const uint16_t* k = cache.bf16_vector(which, head, slot);
-    for (int64_t d = 0; d < D; d += 16) {
-      const __mmask16 mask = tail_mask(D - d);
-      sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, q + d), load_bf16(k + d, mask), sum);
-    }
-    return _mm512_reduce_add_ps(sum);
-  }
-  const int8_t* k = cache.int8_vector(which, head, slot);
   for (int64_t d = 0; d < D; d += 16) {
     const __mmask16 mask = tail_mask(D - d);
-    const __m512 kv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, k + d)));
-    sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, q + d), kv, sum);
+    sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, q + d), load_cached(cache, which, head, slot, d, mask), sum);
   }
-  return _mm512_reduce_add_ps(sum) * cache.scale(which, head, slot);
+  const float dot = _mm512_reduce_add_ps(sum);
+  return cache.scales == nullptr ? dot : dot * cache.scale(which, head, slot);
 }
 
 // acc (D fp32) += p * cached vector.
 void add_cached(float* acc, float p, const PagedCache& cache, int which, int64_t head, int64_t slot) {
   const int64_t D = cache.head_dim;
-  if (cache.scales == nullptr) {
-    const uint16_t* v = cache.bf16_vector(which, head, slot);
-    const __m512 pv = _mm512_set1_ps(p);
-    for (int64_t d = 0; d < D; d += 16) {
-      const __mmask16 mask = tail_mask(D - d);
-      _mm512_mask_storeu_ps(acc + d, mask, _mm512_fmadd_ps(pv, load_bf16(v + d, mask), _mm512_maskz_loadu_ps(mask, acc + d)));
-    }
-    return;
-  }
-  const int8_t* v = cache.int8_vector(which, head, slot);
-  const __m512 pv = _mm512_set1_ps(p * cache.scale(which, head, slot));
+  const __m512 pv = _mm512_set1_ps(cache.scales == nullptr ? p : p * cache.scale(which, head, slot));
   for (int64_t d = 0; d < D; d += 16) {
     const __mmask16 mask = tail_mask(D - d);
-    const __m512 vv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, v + d)));
-    _mm512_mask_storeu_ps(acc + d, mask, _mm512_fmadd_ps(pv, vv, _mm512_maskz_loadu_ps(mask, acc + d)));
+    const __m512 v = load_cached(cache, which, head, slot, d, mask);
+    _mm512_mask_storeu_ps(acc + d, mask, _mm512_fmadd_ps(pv, v, _mm512_maskz_loadu_ps(mask, acc + d)));
   }
 }
 
@@ -380,7 +368,6 @@ void decode_layer(const at::Tensor& hidden, const c10::List<std::optional<at::Te
   if (k_norm != nullptr) check_bf16(k_norm, "k_norm", D);
 
   Linear linears[4];
-  const int64_t in_features[4] = {H, Hq * D, H, -1};
   for (int i = 0; i < 4; ++i) {
     Linear& l = linears[i];
     l.weight = optional_at(tensors, 4 + 4 * i, keep);
@@ -414,10 +401,8 @@ void decode_layer(const at::Tensor& hidden, const c10::List<std::optional<at::Te
     TORCH_CHECK(l.weight->size(1) == stored && (l.bits == 16 || (K % l.group_size == 0 &&
                 l.scales->size(1) == K / l.group_size)), "decode_layer: a linear's input size does not match");
   };
-  check_k(linears[0], in_features[0]);
-  check_k(linears[1], in_features[1]);
-  check_k(linears[2], in_features[2]);
-  check_k(linears[3], intermediate);
+  const int64_t in_features[4] = {H, Hq * D, H, intermediate};
+  for (int i = 0; i < 4; ++i) check_k(linears[i], in_features[i]);
 
   TORCH_CHECK(kv.dim() == 5 && kv.is_contiguous() && kv.size(1) == 2 && kv.size(2) == Hkv && kv.size(4) == D,
               "kv cache must be a contiguous (layers, 2, kv_heads, slots, head_dim) tensor");
