@@ -4,7 +4,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <optional>
 
 #include "kernels.h"
@@ -12,8 +11,6 @@
 
 namespace zili_cpu {
 namespace {
-
-constexpr int64_t kGrainRows = 32;  // smallest slice of N worth a thread
 
 Bias bias_of(const std::optional<at::Tensor>& bias, int64_t N) {
   Bias result;

@@ -8,10 +8,6 @@
 
 namespace zili_cpu {
 
-namespace {
-constexpr int64_t kGrainRows = 32;  // smallest slice of N worth a thread
-}  // namespace
-
 void linear_bf16_threads(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, Bias bias, void* out,
                          OutType out_type, int64_t N) {
   const int64_t blocks = (N + 15) / 16;

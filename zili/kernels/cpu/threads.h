@@ -7,6 +7,8 @@
 
 namespace zili_cpu {
 
+constexpr int64_t kGrainRows = 32;  // smallest slice of N (weight rows) worth a thread
+
 // x (M, K) bf16, row stride K; w (N, K) bf16. Threads split N at multiples of 16 rows (the AMX tile
 // height): each row of W takes the same path and summation order whatever the number of threads.
 void linear_bf16_threads(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, Bias bias, void* out,
