@@ -14,10 +14,10 @@ import random
 
 import pytest
 import torch
-from tiny_models import make_checkpoint, quantize_decoder_layers
+from tiny_models import make_checkpoint, quantize_decoder_layers, random_tokens
 
 from zili.engine.fused_decode import FusedDecoder
-from zili.engine.paged_attention import AttentionMetadata, PagedAttention, PagedKVCache
+from zili.engine.paged_attention import AttentionMetadata, PagedAttention, PagedKVCache, padded_block_tables
 from zili.models.loader import load_model
 
 BLOCK_SIZE = 4
@@ -59,7 +59,8 @@ def copy_cache(cache: PagedKVCache, kv_cache_dtype: str, config) -> PagedKVCache
 
 @torch.inference_mode()
 def compare_decode(model, kv_cache_dtype: str = "auto", seed: int = 0) -> list[tuple[float, float, float]]:
-    """Per decode step: (max |fused - python| of hidden states, max |python hidden|, max |k/v difference| / max |k/v|)."""
+    """Per decode step: (max |fused - python| of hidden states, max |python hidden|,
+    max |k/v difference| / max |k/v|)."""
     config = model.config
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -83,9 +84,7 @@ def compare_decode(model, kv_cache_dtype: str = "auto", seed: int = 0) -> list[t
         metadata = AttentionMetadata.build([(t, n, 1) for t, n in zip(tables, lengths)], BLOCK_SIZE,
                                            python_cache.pad_block, torch.device("cpu"))
         expected = model.model(tokens, positions, PagedAttention(python_cache, metadata))
-        width = max(len(t) for t in tables)
-        block_tables = torch.tensor([t + [fused_cache.pad_block] * (width - len(t)) for t in tables])
-        got = fused.forward(tokens, positions, block_tables, positions + 1)
+        got = fused.forward(tokens, positions, padded_block_tables(tables, fused_cache.pad_block))
         # int8 caches: compare the values the codes stand for
         fused_kv, python_kv = (dequantized(c) for c in (fused_cache, python_cache))
         kv_error = ((fused_kv - python_kv).abs().max() / python_kv.abs().max()).item()
@@ -142,8 +141,6 @@ def test_fused_decoder_declines_what_it_cannot_run(folders, cpu_kernels):
 
 
 def test_the_engine_runs_decode_steps_through_the_fused_layers(folders, cpu_kernels, monkeypatch):
-    from tiny_models import random_tokens
-
     from zili.llm import LLM
     from zili.sampling_params import SamplingParams
 

@@ -88,10 +88,11 @@ class FusedDecoder:
         return cls(model, cache, layers, min(cpu_ext.MAX_KERNEL_ROWS[kind] for kind in kinds))
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor,
-                context_lens: torch.Tensor) -> torch.Tensor:
-        """input_ids, positions, context_lens (B,); block_tables (B, W) int64 -> final hidden states (B, H)."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions (B,); block_tables (B, W) int64 -> final hidden states (B, H). Each new token
+        is the last of its sequence: it attends over positions 0..position (sliding window permitting)."""
         inner = self.model.model
+        context_lens = positions + 1
         hidden = inner.embed_tokens(input_ids).contiguous()              # (B, H), updated in place
         cos, sin = inner.rotary_emb.cos_sin(positions, hidden.dtype)      # (B, rotary_dim)
         kv, scales = self.cache.kv, self.cache.scales

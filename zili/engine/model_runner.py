@@ -19,7 +19,7 @@ from torch import nn
 
 from zili.config import ModelConfig
 from zili.engine.fused_decode import FusedDecoder
-from zili.engine.paged_attention import AttentionMetadata, PagedAttention, PagedKVCache
+from zili.engine.paged_attention import AttentionMetadata, PagedAttention, PagedKVCache, padded_block_tables
 from zili.engine.scheduler import SchedulerOutput
 from zili.engine.sequence import Request, Sequence
 
@@ -86,10 +86,6 @@ class ModelRunner:
                            logits[num_samples:] if prompt_rows else None)
 
     def _fused_decode(self, chunks, input_ids: list[int], positions: list[int]) -> torch.Tensor:
-        width = max(len(c.seq.block_table) for c in chunks)
-        pad = self.kv_cache.pad_block
-        tables = torch.tensor([c.seq.block_table + [pad] * (width - len(c.seq.block_table)) for c in chunks],
-                              dtype=torch.long)
-        lens = torch.tensor([p + 1 for p in positions], dtype=torch.long)
+        tables = padded_block_tables([c.seq.block_table for c in chunks], self.kv_cache.pad_block)
         return self.fused.forward(torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
-                                  tables, lens)
+                                  tables)

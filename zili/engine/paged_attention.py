@@ -91,6 +91,12 @@ class PagedKVCache:
         return round_trip_kv(k), round_trip_kv(v)
 
 
+def padded_block_tables(tables: list[list[int]], pad_block: int) -> torch.Tensor:
+    """(B, W) int64: each sequence's block table padded with the pad block to the longest."""
+    width = max(len(t) for t in tables)
+    return torch.tensor([t + [pad_block] * (width - len(t)) for t in tables], dtype=torch.long)
+
+
 @dataclass
 class PrefillSegment:
     token_start: int
@@ -140,8 +146,7 @@ class AttentionMetadata:
             prefills.append(PrefillSegment(token_start, len(slots), start + num_tokens, context_slots))
         decode_slots = decode_context_lens = None
         if decode_tables:
-            width = max(len(t) for t in decode_tables)
-            tables = torch.tensor([t + [pad_block] * (width - len(t)) for t in decode_tables], dtype=torch.long)
+            tables = padded_block_tables(decode_tables, pad_block)
             lens = torch.tensor(decode_lens, dtype=torch.long)
             length = max(decode_lens)
             positions = torch.arange(length, dtype=torch.long)
