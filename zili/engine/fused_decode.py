@@ -19,7 +19,7 @@ from torch import nn
 
 from zili.engine.paged_attention import PagedKVCache
 from zili.kernels import cpu_ext
-from zili.kernels.quant_kernels import _VnniKernel
+from zili.kernels.quant_kernels import VnniKernel
 from zili.layers.linear import Linear
 from zili.layers.quantized.linear import QuantLinear
 from zili.models.llama import LlamaForCausalLM
@@ -37,7 +37,7 @@ def _linear_args(layer: nn.Module) -> tuple[list[torch.Tensor | None], list[int]
         if weight.dtype != torch.bfloat16 or not weight.is_contiguous():
             return None
         return [weight, None, None, bias], [BF16_BITS, 0]
-    if isinstance(layer, QuantLinear) and isinstance(layer.kernel, _VnniKernel):
+    if isinstance(layer, QuantLinear) and isinstance(layer.kernel, VnniKernel):
         kernel = layer.kernel
         if kernel.perm is not None:
             return None

@@ -45,7 +45,7 @@ def unpack_int4(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     return torch.stack([chunks & 0x0F, chunks >> 4], dim=2).reshape(packed.shape[0], -1)[:, :in_features]
 
 
-class _VnniKernel(nn.Module):
+class VnniKernel(nn.Module):
     bits: int
 
     def __init__(self, weight: QuantizedWeight):
@@ -98,14 +98,14 @@ class _VnniKernel(nn.Module):
                           for n in range(0, self.out_features, step)], dim=-1)
 
 
-class CpuVnniInt8Kernel(_VnniKernel):
+class CpuVnniInt8Kernel(VnniKernel):
     """int8 codes (any zero points, groups of a multiple of 32 or per channel), int8 activations."""
 
     name = "cpu-vnni-int8"
     bits = 8
 
 
-class CpuVnniInt4Kernel(_VnniKernel):
+class CpuVnniInt4Kernel(VnniKernel):
     """int4 codes packed two per byte (groups of a multiple of 32 or per channel), int8 activations."""
 
     name = "cpu-vnni-int4"
