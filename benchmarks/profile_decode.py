@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from common import LOG_DIR, emit, median
+from common import FUSED_LAYERS, LOG_DIR, emit, median
 
 # zili source file (suffix match on the stack frame's file) -> category; first match wins,
 # checked from the innermost zili frame outwards.
@@ -46,7 +46,7 @@ CATEGORIES = (
     ("layers/activation.py", "activation"),
     ("layers/sampler.py", "sampling"),
     ("engine/model_runner.py", "runner (inputs, logits)"),
-    ("engine/fused_decode.py", "decoder layers (fused C++: GEMVs, attention, norms)"),
+    ("engine/fused_decode.py", FUSED_LAYERS),
     ("models/", "model glue (embedding, residual adds)"),
     ("engine/", "engine (scheduler, outputs)"),
 )

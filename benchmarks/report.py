@@ -12,7 +12,7 @@ import math
 import sys
 from pathlib import Path
 
-from common import GGUF_TYPE, PRECISIONS, REPO_DIR, RESULTS_DIR
+from common import FUSED_LAYERS, GGUF_TYPE, PRECISIONS, REPO_DIR, RESULTS_DIR
 
 DOC_PATH = REPO_DIR / "docs" / "benchmarks.md"
 CHART_PATH = REPO_DIR / "docs" / "benchmarks.png"
@@ -149,7 +149,7 @@ def profile_section(results: dict) -> list[str]:
         lines.append(f"| {name} | {fmt(ms, 2)} | {fmt(ms and under and 100 * ms / under, 0, '%')} |")
     ops_ms = sum(torch_prof.get("op_ms_per_token", {}).values())
     op_ms = torch_prof.get("op_ms_per_token", {})
-    fused_ms = next((ms for name, ms in op_ms.items() if name.startswith("decoder layers (fused")), None)
+    fused_ms = op_ms.get(FUSED_LAYERS)
     gemv_ms = (op_ms.get("matmul (GEMV)") or 0) + (fused_ms or 0) or None
     weight_bytes = get(results, "zili", prof.get("precision", "bf16"), "bytes_per_token")
     gbps = get(results, "bandwidth", prof.get("precision", "bf16"), "best_gbps")
