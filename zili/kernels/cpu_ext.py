@@ -29,7 +29,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).resolve().parent / "cpu"
-SOURCES = ("ops.cpp", "gemv_bf16.cpp", "gemm_amx_bf16.cpp", "gemv_quant.cpp", "dequantize.cpp", "threads.cpp", "decode_layer.cpp")
+SOURCES = ("ops.cpp", "gemv_bf16.cpp", "gemm_amx_bf16.cpp", "gemv_quant.cpp", "dequantize.cpp", "threads.cpp",
+           "pool.cpp", "decode_layer.cpp")
 # compiler flag -> the /proc/cpuinfo flag that says the CPU runs it
 ISA_FLAGS = {
     "-mavx512f": "avx512f",

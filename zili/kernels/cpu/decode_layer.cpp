@@ -12,7 +12,6 @@
 // with up, residual adds rounded to bf16; rotary and attention compute in fp32 and round once.
 // zili/engine/fused_decode.py decides when this path applies; the Python model is its oracle.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/library.h>
 
@@ -23,6 +22,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "pool.h"
 #include "threads.h"
 
 namespace zili_cpu {
@@ -252,8 +252,12 @@ void attention(uint16_t* qkv, int64_t B, const AttentionShape& shape, const Page
   const auto* cos_data = static_cast<const uint16_t*>(cos.data_ptr());
   const auto* sin_data = static_cast<const uint16_t*>(sin.data_ptr());
   const int64_t cos_ld = cos.stride(0), sin_ld = sin.stride(0);
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q(groups * D), acc(groups * D), scores;
+  parallel_chunks(B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> q, acc, scores, maxima, sums;
+    q.resize(groups * D);
+    acc.resize(groups * D);
+    maxima.resize(groups);
+    sums.resize(groups);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, h = task % Hkv;
       uint16_t* base = qkv + b * row;
@@ -287,7 +291,7 @@ void attention(uint16_t* qkv, int64_t B, const AttentionShape& shape, const Page
       const int64_t start = shape.sliding_window > 0 ? std::max<int64_t>(0, length - shape.sliding_window) : 0;
       const int64_t count = length - start;
       scores.resize(groups * count);
-      std::vector<float> maxima(groups, -std::numeric_limits<float>::infinity());
+      std::fill(maxima.begin(), maxima.end(), -std::numeric_limits<float>::infinity());
       for (int64_t j = 0; j < count; ++j) {
         const int64_t slot = slot_of(start + j);
         for (int64_t g = 0; g < groups; ++g) {
@@ -297,7 +301,7 @@ void attention(uint16_t* qkv, int64_t B, const AttentionShape& shape, const Page
         }
       }
       std::fill(acc.begin(), acc.end(), 0.0f);
-      std::vector<float> sums(groups, 0.0f);
+      std::fill(sums.begin(), sums.end(), 0.0f);
       for (int64_t g = 0; g < groups; ++g) {
         for (int64_t j = 0; j < count; ++j) {
           const float p = std::exp(scores[g * count + j] - maxima[g]);

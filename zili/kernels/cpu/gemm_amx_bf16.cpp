@@ -3,7 +3,8 @@
 // Computes C^T = W . X^T so that W is read row-major as the checkpoint stores it (no packed copy):
 //   A tile: 16 rows of W x 32 bf16 (64 bytes a row, stride K * 2), loaded straight from the weight;
 //   B tile: X^T in AMX's pair layout, 16 pairs of k (rows) x 16 rows of x (2 bf16 each), from a copy of
-//           x packed once per call and thread, zero-padded up to 16 rows of x and to K rounded up to 32;
+//           x packed once per call (prepare_bf16_rows) and read by every thread, zero-padded up to 16
+//           rows of x and to K rounded up to 32;
 //   C tile: 16 (rows of W) x 16 (rows of x) fp32.
 // Each step loads 2 A tiles (32 rows of W) and 1 or 2 B tiles (up to 32 rows of x) and issues up to 4
 // tdpbf16ps into 4 C tiles, so every byte of W read serves 32 rows of x; larger M loops over groups of
@@ -211,6 +212,9 @@ void amx_block(const uint32_t* xg, int64_t gstride, int64_t M, int64_t K, const 
   }
 }
 
+// uint32 between consecutive groups of 16 packed rows of x: K rounded up to 32, in pairs, x 16 rows.
+inline int64_t packed_group_stride(int64_t K) { return (K + 31) / 32 * 32 / 2 * 16; }
+
 // Per-thread scratch for the packed x, 64-byte aligned, grown as needed.
 uint32_t* packed_buffer(size_t count) {
   thread_local std::unique_ptr<uint32_t[]> storage;
@@ -223,20 +227,17 @@ uint32_t* packed_buffer(size_t count) {
   return reinterpret_cast<uint32_t*>((address + 63) & ~uintptr_t{63});
 }
 
-void amx_matmul(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, const uint16_t* w, const Bias& bias, void* out,
-                int64_t ldo, OutType out_type, int64_t n_begin, int64_t n_end) {
-  const int64_t Kp = (K + 31) / 32 * 32;
-  const int64_t gstride = Kp / 2 * 16;
-  const int64_t groups = (M + 15) / 16;
-  uint32_t* xp = packed_buffer(groups * gstride);
-  pack_x(x, ldx, M, K, Kp, xp);
-  compiler_barrier();
+// Rows [n_begin, n_end) of W (at least 16) against x packed by prepare_bf16_rows.
+void amx_matmul(const Bf16Rows& rows, const uint16_t* w, const Bias& bias, void* out, int64_t ldo, OutType out_type,
+                int64_t n_begin, int64_t n_end) {
+  const int64_t M = rows.M, K = rows.K;
+  const int64_t gstride = packed_group_stride(K);
   configure_tiles();
   // W rows [n, n + 16 * NB) against every group of up to 32 rows of x
   auto w_block = [&](auto nb, int64_t n) {
     constexpr int NB = decltype(nb)::value;
     for (int64_t m0 = 0; m0 < M; m0 += 32) {
-      const uint32_t* xg = xp + (m0 / 16) * gstride;
+      const uint32_t* xg = rows.packed + (m0 / 16) * gstride;
       if (M - m0 > 16) {
         amx_block<NB, 2>(xg, gstride, M, K, w, n, m0, bias, out, ldo, out_type);
       } else {
@@ -251,7 +252,7 @@ void amx_matmul(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, const uint
     n += 16;
   }
   _tile_release();  // back to the init state: cheaper context switches, no stale config for others
-  if (n < n_end) gemv_bf16(x, ldx, M, K, w, bias, out, ldo, out_type, n, n_end);
+  if (n < n_end) gemv_bf16(rows.x, rows.ldx, M, K, w, bias, out, ldo, out_type, n, n_end);
 }
 
 bool use_amx(int64_t M, int64_t K) {
@@ -276,12 +277,23 @@ std::string set_bf16_matmul_path(const std::string& path) {
 
 }  // namespace
 
-void matmul_bf16(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, const uint16_t* w, Bias bias, void* out,
-                 int64_t ldo, OutType out_type, int64_t n_begin, int64_t n_end) {
-  if (n_end - n_begin >= 16 && K > 0 && use_amx(M, K)) {
-    amx_matmul(x, ldx, M, K, w, bias, out, ldo, out_type, n_begin, n_end);
+Bf16Rows prepare_bf16_rows(const uint16_t* x, int64_t ldx, int64_t M, int64_t K) {
+  Bf16Rows rows{x, ldx, M, K, nullptr};
+  if (K > 0 && use_amx(M, K)) {
+    uint32_t* packed = packed_buffer((M + 15) / 16 * packed_group_stride(K));
+    pack_x(x, ldx, M, K, (K + 31) / 32 * 32, packed);
+    compiler_barrier();
+    rows.packed = packed;
+  }
+  return rows;
+}
+
+void matmul_bf16(const Bf16Rows& rows, const uint16_t* w, Bias bias, void* out, int64_t ldo, OutType out_type,
+                 int64_t n_begin, int64_t n_end) {
+  if (rows.packed != nullptr && n_end - n_begin >= 16) {
+    amx_matmul(rows, w, bias, out, ldo, out_type, n_begin, n_end);
   } else {
-    gemv_bf16(x, ldx, M, K, w, bias, out, ldo, out_type, n_begin, n_end);
+    gemv_bf16(rows.x, rows.ldx, rows.M, rows.K, w, bias, out, ldo, out_type, n_begin, n_end);
   }
 }
 

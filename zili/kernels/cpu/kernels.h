@@ -63,11 +63,22 @@ inline void store(void* out, int64_t index, OutType type, float value) {
 void gemv_bf16(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, const uint16_t* w,
                Bias bias, void* out, int64_t ldo, OutType out_type, int64_t n_begin, int64_t n_end);
 
-// gemv_bf16's contract; picks by M between gemv_bf16 and an AMX (tdpbf16ps) kernel (gemm_amx_bf16.cpp),
-// which reads W as stored too. The AMX path runs where the CPU has AMX-BF16, the OS granted the tile
-// state and ZILI_CPU_AMX is not 0 at first use; otherwise gemv_bf16 does all the work.
-void matmul_bf16(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, const uint16_t* w,
-                 Bias bias, void* out, int64_t ldo, OutType out_type, int64_t n_begin, int64_t n_end);
+// x (M, K) bf16 as matmul_bf16 reads it, prepared once per call for any number of slices of N. Where
+// the AMX path applies, `packed` is x in the tile layout (gemm_amx_bf16.cpp), in the preparing thread's
+// scratch: valid until that thread prepares again. nullptr: gemv_bf16 reads x as it is.
+struct Bf16Rows {
+  const uint16_t* x;
+  int64_t ldx, M, K;
+  const uint32_t* packed;
+};
+Bf16Rows prepare_bf16_rows(const uint16_t* x, int64_t ldx, int64_t M, int64_t K);
+
+// gemv_bf16's contract for prepared rows; the path (gemv_bf16 or an AMX tdpbf16ps kernel, which reads W
+// as stored too) is picked by M and K in prepare_bf16_rows. The AMX path runs where the CPU has
+// AMX-BF16, the OS granted the tile state and ZILI_CPU_AMX is not 0 at first use; otherwise gemv_bf16
+// does all the work.
+void matmul_bf16(const Bf16Rows& rows, const uint16_t* w, Bias bias, void* out, int64_t ldo, OutType out_type,
+                 int64_t n_begin, int64_t n_end);
 
 // Activations quantized to signed int8 per block of `block` (32, 64 or 128) inputs, as the int kernels read them.
 struct QuantizedRows {

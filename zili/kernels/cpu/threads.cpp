@@ -6,13 +6,21 @@
 #include <algorithm>
 #include <vector>
 
+#include "pool.h"
+
 namespace zili_cpu {
+
+int64_t chunk_rows(int64_t N, int64_t multiple) {
+  const int64_t pieces = int64_t{at::get_num_threads()} * kChunksPerThread;
+  const int64_t rows = (N + pieces - 1) / pieces;
+  return std::max(kGrainRows, (rows + multiple - 1) / multiple * multiple);
+}
 
 void linear_bf16_threads(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, Bias bias, void* out,
                          OutType out_type, int64_t N) {
-  const int64_t blocks = (N + 15) / 16;
-  at::parallel_for(0, blocks, kGrainRows / 16, [&](int64_t begin, int64_t end) {
-    matmul_bf16(x, K, M, K, w, bias, out, N, out_type, begin * 16, std::min(end * 16, N));
+  const Bf16Rows rows = prepare_bf16_rows(x, K, M, K);
+  parallel_chunks(N, chunk_rows(N, 32), [&](int64_t begin, int64_t end) {
+    matmul_bf16(rows, w, bias, out, N, out_type, begin, end);
   });
 }
 
@@ -37,7 +45,7 @@ void linear_quant_threads(const void* x, bool x_is_bf16, int64_t M, int64_t K, c
   quantize_rows(x, x_is_bf16, K, M, K, group_size, layout.block, codes.data(), padded_k, x_scales, layout.scales_ld,
                 group_terms);
   const QuantizedRows rows{codes.data(), padded_k, x_scales, layout.scales_ld, group_terms, G, layout.block};
-  at::parallel_for(0, N, kGrainRows, [&](int64_t begin, int64_t end) {
+  parallel_chunks(N, chunk_rows(N, 1), [&](int64_t begin, int64_t end) {
     gemv_quant(rows, M, K, w, bits, scales, zero_scales, group_size, bias, out, N, out_type, begin, end);
   });
 }

@@ -1,6 +1,6 @@
-// Whole-matrix entry points over the raw kernels of kernels.h: y (M, N) = x (M, K) @ W.T with N
-// split across threads (at::parallel_for). The torch ops (ops.cpp) and the fused decoder layer
-// (decode_layer.cpp) both call these, so every path splits and dispatches the same way.
+// Whole-matrix entry points over the raw kernels of kernels.h: y (M, N) = x (M, K) @ W.T with N cut
+// into chunks that the threads of pool.h claim as they come. The torch ops (ops.cpp) and the fused
+// decoder layer (decode_layer.cpp) both call these, so every path splits and dispatches the same way.
 #pragma once
 
 #include "kernels.h"
@@ -8,14 +8,20 @@
 namespace zili_cpu {
 
 constexpr int64_t kGrainRows = 32;  // smallest slice of N (weight rows) worth a thread
+// Chunks per thread: enough that the others take over a late or preempted thread's share, few enough
+// that each chunk streams a long run of W (the hardware prefetchers ramp up per run).
+constexpr int64_t kChunksPerThread = 4;
 
-// x (M, K) bf16, row stride K; w (N, K) bf16. Threads split N at multiples of 16 rows (the AMX tile
-// height): each row of W takes the same path and summation order whatever the number of threads.
+// Rows of N per chunk: N / (threads x kChunksPerThread) rounded up to `multiple`, kGrainRows at least.
+int64_t chunk_rows(int64_t N, int64_t multiple);
+
+// x (M, K) bf16, row stride K; w (N, K) bf16. Chunks of N start at multiples of 32 rows (two AMX tiles):
+// each row of W takes the same path and summation order whatever the number of threads.
 void linear_bf16_threads(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, Bias bias, void* out,
                          OutType out_type, int64_t N);
 
 // x (M, K) fp32 or bf16, row stride K, quantized to int8 per activation block (quant_layout) into
-// scratch buffers, then the VNNI kernel on W as gemv_quant describes, N split across threads.
+// scratch buffers, then the VNNI kernel on W as gemv_quant describes, N in chunks across threads.
 void linear_quant_threads(const void* x, bool x_is_bf16, int64_t M, int64_t K, const uint8_t* w, int bits,
                           const float* scales, const float* zero_scales, int64_t group_size, Bias bias, void* out,
                           OutType out_type, int64_t N);
