@@ -38,12 +38,10 @@ class _Stream:
         self.loop = loop
         self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
 
-    def put(self, item: RequestOutput | BaseException) -> bool:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-            return True
-        except RuntimeError:  # the consumer's event loop is closed
-            return False
+
+def _put_all(batch: list[tuple[_Stream, RequestOutput | BaseException]]) -> None:
+    for stream, item in batch:
+        stream.queue.put_nowait(item)
 
 
 class AsyncLLMEngine:
@@ -172,8 +170,7 @@ class AsyncLLMEngine:
                 self.engine.abort_request(request_id)
                 self._deliver(request_id, failure)
             outputs = []
-        for output in outputs:
-            self._deliver(output.request_id, output)
+        self._deliver_all([(output.request_id, output) for output in outputs])
         self._metrics = self.engine.metrics()
 
     def _abort_now(self, request_id: str) -> None:
@@ -182,7 +179,22 @@ class AsyncLLMEngine:
             self._deliver(request_id, final)
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        self._deliver_all([(request_id, item)])
+
+    def _deliver_all(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        """Hand items to their streams with one wake-up per event loop (not one per request): the
+        consumer's thread then takes the GIL once per step instead of once per sequence."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput | BaseException]]] = {}
+        request_ids: dict[asyncio.AbstractEventLoop, list[str]] = {}
         with self._lock:
-            stream = self._streams.get(request_id)
-        if stream is not None and not stream.put(item):
-            self.engine.abort_request(request_id)
+            for request_id, item in items:
+                stream = self._streams.get(request_id)
+                if stream is not None:
+                    batches.setdefault(stream.loop, []).append((stream, item))
+                    request_ids.setdefault(stream.loop, []).append(request_id)
+        for loop, batch in batches.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:  # the consumer's event loop is closed
+                for request_id in request_ids[loop]:
+                    self.engine.abort_request(request_id)

@@ -113,9 +113,24 @@ class Worker:
         self.faults = Faults(config.get("faults") or [])
         self.tasks: dict[str, asyncio.Task] = {}
         self.engine = None
+        self.pending: list[bytes] = []
 
     def send(self, message: dict) -> None:
-        self.writer.write(wire.encode(message))
+        """Queue a message; everything queued in one turn of the event loop (a step's outputs for all
+        its requests) goes out in one write, so the HTTP process wakes once per step."""
+        if not self.pending:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.pending.append(wire.encode(message))
+
+    def flush(self) -> None:
+        if self.pending:
+            self.writer.write(b"".join(self.pending))
+            self.pending.clear()
+
+    async def drain(self) -> None:
+        """Write out what is queued and wait until the pipe took it (before exiting)."""
+        self.flush()
+        await self.writer.drain()
 
     def load(self) -> bool:
         from zili.engine.async_engine import AsyncLLMEngine
@@ -185,13 +200,13 @@ class Worker:
         while self.engine.is_healthy():
             await asyncio.sleep(HEALTH_POLL_S)
         self.send({"op": "fatal", "message": "the engine loop stopped"})
-        await self.writer.drain()
+        await self.drain()
         os._exit(1)
 
     async def serve(self, reader: asyncio.StreamReader) -> int:
         await self.faults.hold_load()
         if not self.load():
-            await self.writer.drain()
+            await self.drain()
             return 1
         watchdog = asyncio.create_task(self.watch_health())
         while True:
@@ -203,7 +218,7 @@ class Worker:
             task.cancel()
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
         await self.engine.shutdown()
-        await self.writer.drain()
+        await self.drain()
         return 0
 
 
