@@ -153,3 +153,22 @@ def test_the_engine_runs_decode_steps_through_the_fused_layers(folders, cpu_kern
     outputs = llm.generate(prompts, params)
     assert [len(o.outputs[0].token_ids) for o in outputs] == [8, 8, 8]
     assert len(calls) >= 7, "decode steps did not go through the fused decoder"
+
+
+def test_bad_step_inputs_get_clear_errors_and_leave_the_cache_alone(folders, cpu_kernels):
+    model = load_bf16(folders["llama-gqa"])
+    cache = new_cache(model.config, "auto")
+    fused = FusedDecoder.build(model, cache)
+    hidden = torch.zeros(2, model.config.hidden_size, dtype=torch.bfloat16)
+    cos, sin = model.model.rotary_emb.cos_sin(torch.tensor([3, 5]), torch.bfloat16)
+    tables = torch.tensor([[0, 1], [2, 3]])
+    before = cache.kv.clone()
+    with pytest.raises(RuntimeError, match="hidden must be"):
+        fused.layers.forward(hidden[:, :-1].contiguous(), cos, sin, cache.kv, None, tables, torch.tensor([4, 6]))
+    with pytest.raises(RuntimeError, match="block id out of range"):
+        fused.layers.forward(hidden, cos, sin, cache.kv, None, torch.tensor([[0, 1], [2, 65]]), torch.tensor([4, 6]))
+    with pytest.raises(RuntimeError, match="context length out of range"):
+        fused.layers.forward(hidden, cos, sin, cache.kv, None, tables, torch.tensor([4, 9]))
+    assert torch.equal(cache.kv, before) and fused.layers.size() == model.config.num_hidden_layers
+    with pytest.raises(RuntimeError, match="malformed arguments"):
+        fused.layers.add([None] * 3, [0] * 15, [1e-6, 1.0])

@@ -1,10 +1,10 @@
-"""Decode steps through zili's fused C++ decoder layer (torch.ops.zili_cpu.decode_layer).
+"""Decode steps through zili's fused C++ decoder layers (torch.classes.zili_cpu.DecodeLayers).
 
 A decode step computes one new token per sequence. Its time should be the time to read the
 weights once; through the Python model each of the 24 layers of a small model also costs ~50
 small PyTorch ops (norms, rotary, cache writes, gathers, attention, activation, residuals), which
 on a 2-core CPU added ~30% to a bf16 token and more to an int8 / int4 one. `FusedDecoder` runs
-each layer as one C++ call instead: the same computation (zili/kernels/cpu/decode_layer.cpp says
+all layers in one C++ call instead (their weights handed over once, at build): the same computation (zili/kernels/cpu/decode_layer.cpp says
 where its roundings sit), the same weight kernels, attention straight from the paged cache.
 
 It applies to bf16 Llama-family models on the CPU whose linear layers are bf16 or use zili's
@@ -46,13 +46,15 @@ def _linear_args(layer: nn.Module) -> tuple[list[torch.Tensor | None], list[int]
 
 
 class FusedDecoder:
-    """Runs a decode-only batch through the model's layers, one C++ call per layer."""
+    """Runs a decode-only batch through all of the model's layers in one C++ call."""
 
     def __init__(self, model: LlamaForCausalLM, cache: PagedKVCache, layers: list[tuple[list, list, list]],
                  max_batch: int):
         self.model = model
         self.cache = cache
-        self.layers = layers
+        self.layers = torch.classes.zili_cpu.DecodeLayers()
+        for tensors, ints, floats in layers:
+            self.layers.add(tensors, ints, floats)
         self.max_batch = max_batch
         """Most sequences per step: up to the rows where the weight kernels beat PyTorch's GEMM
         (cpu_ext.MAX_KERNEL_ROWS); larger batches run the Python model."""
@@ -95,8 +97,5 @@ class FusedDecoder:
         context_lens = positions + 1
         hidden = inner.embed_tokens(input_ids).contiguous()              # (B, H), updated in place
         cos, sin = inner.rotary_emb.cos_sin(positions, hidden.dtype)      # (B, rotary_dim)
-        kv, scales = self.cache.kv, self.cache.scales
-        op = torch.ops.zili_cpu.decode_layer
-        for tensors, ints, floats in self.layers:
-            op(hidden, tensors, ints, floats, cos, sin, kv, scales, block_tables, context_lens)
+        self.layers.forward(hidden, cos, sin, self.cache.kv, self.cache.scales, block_tables, context_lens)
         return inner.norm(hidden)

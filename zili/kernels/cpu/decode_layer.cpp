@@ -1,5 +1,5 @@
-// torch.ops.zili_cpu.decode_layer: one Llama-family decoder layer for a batch of decode tokens (one
-// new token per sequence), in one call.
+// torch.classes.zili_cpu.DecodeLayers: a Llama-family model's decoder layers for a batch of decode
+// tokens (one new token per sequence), all layers in one call.
 //
 // Batch-1 decode spends most of its time reading weights, and the kernels of kernels.h read them
 // near the bandwidth bound; what the Python layer added on top was ~50 small PyTorch ops per layer
@@ -13,11 +13,13 @@
 // zili/engine/fused_decode.py decides when this path applies; the Python model is its oracle.
 #include <ATen/ATen.h>
 #include <immintrin.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -322,7 +324,7 @@ void attention(uint16_t* qkv, int64_t B, const AttentionShape& shape, const Page
   });
 }
 
-// --- the op -------------------------------------------------------------------------------------
+// --- the layers ---------------------------------------------------------------------------------
 
 const at::Tensor* optional_at(const c10::List<std::optional<at::Tensor>>& list, size_t i, std::vector<at::Tensor>& keep) {
   const std::optional<at::Tensor> t = list.get(i);
@@ -336,107 +338,96 @@ void check_bf16(const at::Tensor* t, const char* what, int64_t size) {
               what, " must be a contiguous bf16 tensor of ", size, " values");
 }
 
-// hidden (B, H) bf16, the residual stream, updated in place.
+// One decoder layer's weights and shapes, checked once when the layer is added. Never moves (its
+// pointers point into `keep`, which holds the tensors).
+struct Layer {
+  std::vector<at::Tensor> keep;
+  const at::Tensor *input_norm, *post_norm, *q_norm, *k_norm;
+  Linear linears[4];
+  int64_t index, q_heads, kv_heads, head_dim, sliding_window, block_size, hidden, intermediate;
+  Activation activation;
+  float eps, scale;
+};
+
 // tensors: [input_norm, post_norm, q_norm?, k_norm?, then for qkv, o, gate_up, down: weight, scales?,
 //           zero_scales?, bias?]
 // ints: [layer, q_heads, kv_heads, head_dim, sliding_window (0 none), block_size, activation,
 //        then bits (16 = bf16) and group_size for qkv, o, gate_up, down]
 // floats: [rms_norm_eps, attention scale]
-// cos, sin: (B, rotary_dim) bf16; kv: the paged cache; kv_scales: its fp16 scales (int8 cache);
-// block_tables (B, W) int64; context_lens (B,) int64 (new token included).
-void decode_layer(const at::Tensor& hidden, const c10::List<std::optional<at::Tensor>>& tensors,
-                  at::IntArrayRef ints, at::ArrayRef<double> floats, const at::Tensor& cos, const at::Tensor& sin,
-                  const at::Tensor& kv, const std::optional<at::Tensor>& kv_scales, const at::Tensor& block_tables,
-                  const at::Tensor& context_lens) {
-  TORCH_CHECK(tensors.size() == 20 && ints.size() == 15 && floats.size() == 2, "decode_layer: malformed arguments");
-  TORCH_CHECK(hidden.dim() == 2 && hidden.scalar_type() == at::kBFloat16 && hidden.is_contiguous() &&
-              hidden.device().is_cpu(), "hidden must be a contiguous (B, H) bf16 CPU tensor");
-  const int64_t B = hidden.size(0), H = hidden.size(1);
-  std::vector<at::Tensor> keep(tensors.size());
-  const AttentionShape shape{ints[1], ints[2], ints[3], cos.size(1), ints[4], static_cast<float>(floats[1])};
-  const int64_t D = shape.head_dim, Hq = shape.q_heads, Hkv = shape.kv_heads;
-  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0 && D > 0 && shape.rotary_dim % 2 == 0 && shape.rotary_dim <= D,
-              "bad attention shape");
-  for (const at::Tensor* t : {&cos, &sin}) {
-    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->dim() == 2 && t->size(0) == B && t->stride(1) == 1 &&
-                t->size(1) == shape.rotary_dim, "cos / sin must be (B, rotary_dim) bf16 with unit inner stride");
-  }
-  const float eps = static_cast<float>(floats[0]);
-  const at::Tensor* input_norm = optional_at(tensors, 0, keep);
-  const at::Tensor* post_norm = optional_at(tensors, 1, keep);
-  const at::Tensor* q_norm = optional_at(tensors, 2, keep);
-  const at::Tensor* k_norm = optional_at(tensors, 3, keep);
-  check_bf16(input_norm, "input_norm", H);
-  check_bf16(post_norm, "post_norm", H);
-  if (q_norm != nullptr) check_bf16(q_norm, "q_norm", D);
-  if (k_norm != nullptr) check_bf16(k_norm, "k_norm", D);
-
-  Linear linears[4];
+std::unique_ptr<Layer> make_layer(const c10::List<std::optional<at::Tensor>>& tensors, const std::vector<int64_t>& ints,
+                                  const std::vector<double>& floats) {
+  TORCH_CHECK(tensors.size() == 20 && ints.size() == 15 && floats.size() == 2, "DecodeLayers.add: malformed arguments");
+  auto layer = std::make_unique<Layer>();
+  Layer& l = *layer;
+  l.keep.resize(tensors.size());
+  l.index = ints[0];
+  l.q_heads = ints[1];
+  l.kv_heads = ints[2];
+  l.head_dim = ints[3];
+  l.sliding_window = ints[4];
+  l.block_size = ints[5];
+  TORCH_CHECK(ints[6] >= 0 && ints[6] <= 3, "unknown activation");
+  l.activation = static_cast<Activation>(ints[6]);
+  l.eps = static_cast<float>(floats[0]);
+  l.scale = static_cast<float>(floats[1]);
+  const int64_t D = l.head_dim, Hq = l.q_heads, Hkv = l.kv_heads;
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0 && D > 0 && l.block_size > 0 && l.index >= 0, "bad attention shape");
+  l.input_norm = optional_at(tensors, 0, l.keep);
+  l.post_norm = optional_at(tensors, 1, l.keep);
+  l.q_norm = optional_at(tensors, 2, l.keep);
+  l.k_norm = optional_at(tensors, 3, l.keep);
+  TORCH_CHECK(l.input_norm != nullptr, "input_norm is required");
+  l.hidden = l.input_norm->numel();
+  const int64_t H = l.hidden;
+  check_bf16(l.input_norm, "input_norm", H);
+  check_bf16(l.post_norm, "post_norm", H);
+  if (l.q_norm != nullptr) check_bf16(l.q_norm, "q_norm", D);
+  if (l.k_norm != nullptr) check_bf16(l.k_norm, "k_norm", D);
   for (int i = 0; i < 4; ++i) {
-    Linear& l = linears[i];
-    l.weight = optional_at(tensors, 4 + 4 * i, keep);
-    l.scales = optional_at(tensors, 5 + 4 * i, keep);
-    l.zero_scales = optional_at(tensors, 6 + 4 * i, keep);
-    l.bias = optional_at(tensors, 7 + 4 * i, keep);
-    l.bits = ints[7 + 2 * i];
-    l.group_size = ints[8 + 2 * i];
-    TORCH_CHECK(l.weight != nullptr && l.weight->is_contiguous() && l.weight->dim() == 2, "linear ", i,
-                ": weight must be a contiguous 2-D tensor");
-    l.out_features = l.weight->size(0);
-    if (l.bits == 16) {
-      TORCH_CHECK(l.weight->scalar_type() == at::kBFloat16, "linear ", i, ": bf16 weight expected");
+    Linear& lin = l.linears[i];
+    lin.weight = optional_at(tensors, 4 + 4 * i, l.keep);
+    lin.scales = optional_at(tensors, 5 + 4 * i, l.keep);
+    lin.zero_scales = optional_at(tensors, 6 + 4 * i, l.keep);
+    lin.bias = optional_at(tensors, 7 + 4 * i, l.keep);
+    lin.bits = ints[7 + 2 * i];
+    lin.group_size = ints[8 + 2 * i];
+    TORCH_CHECK(lin.weight != nullptr && lin.weight->is_contiguous() && lin.weight->dim() == 2 &&
+                lin.weight->device().is_cpu(), "linear ", i, ": weight must be a contiguous 2-D CPU tensor");
+    lin.out_features = lin.weight->size(0);
+    if (lin.bits == 16) {
+      TORCH_CHECK(lin.weight->scalar_type() == at::kBFloat16, "linear ", i, ": bf16 weight expected");
     } else {
-      TORCH_CHECK((l.bits == 8 || l.bits == 4) && l.weight->scalar_type() == at::kByte && l.scales != nullptr &&
-                  l.zero_scales != nullptr && l.group_size > 0 && l.group_size % 32 == 0,
+      TORCH_CHECK((lin.bits == 8 || lin.bits == 4) && lin.weight->scalar_type() == at::kByte && lin.scales != nullptr &&
+                  lin.zero_scales != nullptr && lin.group_size > 0 && lin.group_size % 32 == 0,
                   "linear ", i, ": quantized weights need uint8 codes, scales, zero_scales and a group size of 32k");
     }
-    if (l.bias != nullptr) {
-      TORCH_CHECK(l.bias->is_contiguous() && l.bias->numel() == l.out_features &&
-                  (l.bias->scalar_type() == at::kBFloat16 || l.bias->scalar_type() == at::kFloat),
+    if (lin.bias != nullptr) {
+      TORCH_CHECK(lin.bias->is_contiguous() && lin.bias->numel() == lin.out_features &&
+                  (lin.bias->scalar_type() == at::kBFloat16 || lin.bias->scalar_type() == at::kFloat),
                   "linear ", i, ": bias must be a contiguous fp32 / bf16 (N,) tensor");
     }
   }
-  const int64_t intermediate = linears[2].out_features / 2;
-  TORCH_CHECK(linears[0].out_features == (Hq + 2 * Hkv) * D && linears[1].out_features == H &&
-              linears[3].out_features == H && linears[2].out_features == 2 * intermediate,
-              "decode_layer: linear shapes do not match the attention / hidden sizes");
-  auto check_k = [&](const Linear& l, int64_t K) {
-    const int64_t stored = l.bits == 4 ? quant_layout(K, 4, l.group_size).padded_k / 2 : K;
-    TORCH_CHECK(l.weight->size(1) == stored && (l.bits == 16 || (K % l.group_size == 0 &&
-                l.scales->size(1) == K / l.group_size)), "decode_layer: a linear's input size does not match");
-  };
-  const int64_t in_features[4] = {H, Hq * D, H, intermediate};
-  for (int i = 0; i < 4; ++i) check_k(linears[i], in_features[i]);
-
-  TORCH_CHECK(kv.dim() == 5 && kv.is_contiguous() && kv.size(1) == 2 && kv.size(2) == Hkv && kv.size(4) == D,
-              "kv cache must be a contiguous (layers, 2, kv_heads, slots, head_dim) tensor");
-  const bool int8_cache = kv_scales.has_value();
-  TORCH_CHECK(int8_cache ? kv.scalar_type() == at::kChar && kv_scales->scalar_type() == at::kHalf &&
-                               kv_scales->is_contiguous() && kv_scales->numel() == kv.numel() / D
-                         : kv.scalar_type() == at::kBFloat16, "kv cache must be bf16, or int8 with fp16 scales");
-  const int64_t layer = ints[0];
-  TORCH_CHECK(0 <= layer && layer < kv.size(0), "layer out of range");
-  TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.dim() == 2 && block_tables.size(0) == B &&
-              block_tables.is_contiguous() && context_lens.scalar_type() == at::kLong &&
-              context_lens.numel() == B && context_lens.is_contiguous(),
-              "block_tables (B, W) and context_lens (B,) must be contiguous int64");
-  const int64_t block_size = ints[5], slots = kv.size(3), width = block_tables.size(1);
-  const int64_t* tables = block_tables.data_ptr<int64_t>();
-  const int64_t* lens = context_lens.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) {  // every slot the attention will touch lies in the cache
-    TORCH_CHECK(lens[b] >= 1 && lens[b] <= width * block_size, "context length out of range of the block table");
-    for (int64_t i = 0; i < (lens[b] + block_size - 1) / block_size; ++i) {
-      TORCH_CHECK(0 <= tables[b * width + i] && (tables[b * width + i] + 1) * block_size <= slots,
-                  "block id out of range");
-    }
+  l.intermediate = l.linears[2].out_features / 2;
+  TORCH_CHECK(l.linears[0].out_features == (Hq + 2 * Hkv) * D && l.linears[1].out_features == H &&
+              l.linears[3].out_features == H && l.linears[2].out_features == 2 * l.intermediate,
+              "DecodeLayers.add: linear shapes do not match the attention / hidden sizes");
+  const int64_t in_features[4] = {H, Hq * D, H, l.intermediate};
+  for (int i = 0; i < 4; ++i) {
+    const Linear& lin = l.linears[i];
+    const int64_t K = in_features[i];
+    const int64_t stored = lin.bits == 4 ? quant_layout(K, 4, lin.group_size).padded_k / 2 : K;
+    TORCH_CHECK(lin.weight->size(1) == stored && (lin.bits == 16 || (K % lin.group_size == 0 &&
+                lin.scales->size(1) == K / lin.group_size)), "DecodeLayers.add: a linear's input size does not match");
   }
-  const PagedCache cache{kv.data_ptr(), int8_cache ? kv_scales->data_ptr<at::Half>() : nullptr, Hkv, slots, D,
-                         block_size, layer};
-  const auto activation = static_cast<Activation>(ints[6]);
-  TORCH_CHECK(ints[6] >= 0 && ints[6] <= 3, "unknown activation");
+  return layer;
+}
 
-  auto* x = static_cast<uint16_t*>(hidden.data_ptr());
-  std::vector<uint16_t> normed(B * H), qkv(B * linears[0].out_features), attn(B * Hq * D), projected(B * H),
+// One layer on x (B, H) bf16, the residual stream, in place.
+void run_layer(const Layer& l, uint16_t* x, int64_t B, const PagedCache& cache, const at::Tensor& cos,
+               const at::Tensor& sin, const int64_t* tables, int64_t width, const int64_t* lens) {
+  const int64_t H = l.hidden, D = l.head_dim, Hq = l.q_heads, intermediate = l.intermediate;
+  const AttentionShape shape{Hq, l.kv_heads, D, cos.size(1), l.sliding_window, l.scale};
+  std::vector<uint16_t> normed(B * H), qkv(B * l.linears[0].out_features), attn(B * Hq * D), projected(B * H),
       gate_up(B * 2 * intermediate), gated(B * intermediate);
   auto add_residual = [&](const std::vector<uint16_t>& y) {  // x = bf16(x + y)
     for (int64_t i = 0; i < B * H; i += 16) {
@@ -444,29 +435,95 @@ void decode_layer(const at::Tensor& hidden, const c10::List<std::optional<at::Te
       store_bf16(x + i, _mm512_add_ps(load_bf16(x + i, mask), load_bf16(y.data() + i, mask)), mask);
     }
   };
+  auto data = [](const at::Tensor* t) { return t ? static_cast<const uint16_t*>(t->data_ptr()) : nullptr; };
 
-  rms_norm(x, H, B, H, static_cast<const uint16_t*>(input_norm->data_ptr()), eps, normed.data(), H);
-  run_linear(linears[0], normed.data(), B, H, qkv.data());
-  attention(qkv.data(), B, shape, cache, q_norm ? static_cast<const uint16_t*>(q_norm->data_ptr()) : nullptr,
-            k_norm ? static_cast<const uint16_t*>(k_norm->data_ptr()) : nullptr, eps, cos, sin, tables, width, lens,
+  rms_norm(x, H, B, H, data(l.input_norm), l.eps, normed.data(), H);
+  run_linear(l.linears[0], normed.data(), B, H, qkv.data());
+  attention(qkv.data(), B, shape, cache, data(l.q_norm), data(l.k_norm), l.eps, cos, sin, tables, width, lens,
             attn.data());
-  run_linear(linears[1], attn.data(), B, Hq * D, projected.data());
+  run_linear(l.linears[1], attn.data(), B, Hq * D, projected.data());
   add_residual(projected);
 
-  rms_norm(x, H, B, H, static_cast<const uint16_t*>(post_norm->data_ptr()), eps, normed.data(), H);
-  run_linear(linears[2], normed.data(), B, H, gate_up.data());
-  gate(activation, gate_up.data(), B, intermediate, gated.data());
-  run_linear(linears[3], gated.data(), B, intermediate, projected.data());
+  rms_norm(x, H, B, H, data(l.post_norm), l.eps, normed.data(), H);
+  run_linear(l.linears[2], normed.data(), B, H, gate_up.data());
+  gate(l.activation, gate_up.data(), B, intermediate, gated.data());
+  run_linear(l.linears[3], gated.data(), B, intermediate, projected.data());
   add_residual(projected);
 }
+
+// torch.classes.zili_cpu.DecodeLayers: a model's decoder layers, added once (`add`, checked then), and
+// `forward`, which runs all of them on a batch of decode tokens in one call: the per-step arguments
+// cross from Python once per step, not once per layer.
+struct DecodeLayers : torch::CustomClassHolder {
+  std::vector<std::unique_ptr<Layer>> layers;
+
+  void add(const c10::List<std::optional<at::Tensor>>& tensors, const std::vector<int64_t>& ints,
+           const std::vector<double>& floats) {
+    auto layer = make_layer(tensors, ints, floats);
+    TORCH_CHECK(layers.empty() || (layer->hidden == layers[0]->hidden && layer->kv_heads == layers[0]->kv_heads &&
+                                   layer->head_dim == layers[0]->head_dim && layer->block_size == layers[0]->block_size),
+                "DecodeLayers.add: every layer must share the hidden size and the cache's shape");
+    layers.push_back(std::move(layer));
+  }
+
+  int64_t size() const { return static_cast<int64_t>(layers.size()); }
+
+  // hidden (B, H) bf16, the residual stream, updated in place by every layer in turn.
+  // cos, sin: (B, rotary_dim) bf16; kv: the paged cache (layers, 2, kv_heads, slots, head_dim); kv_scales:
+  // its fp16 scales (int8 cache); block_tables (B, W) int64; context_lens (B,) int64 (new token included).
+  void forward(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& kv,
+               const std::optional<at::Tensor>& kv_scales, const at::Tensor& block_tables,
+               const at::Tensor& context_lens) const {
+    TORCH_CHECK(!layers.empty(), "DecodeLayers.forward: no layers added");
+    const Layer& first = *layers[0];
+    const int64_t H = first.hidden, D = first.head_dim, Hkv = first.kv_heads, block_size = first.block_size;
+    TORCH_CHECK(hidden.dim() == 2 && hidden.scalar_type() == at::kBFloat16 && hidden.is_contiguous() &&
+                hidden.device().is_cpu() && hidden.size(1) == H, "hidden must be a contiguous (B, ", H,
+                ") bf16 CPU tensor");
+    const int64_t B = hidden.size(0);
+    for (const at::Tensor* t : {&cos, &sin}) {
+      TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->dim() == 2 && t->size(0) == B && t->stride(1) == 1 &&
+                  t->size(1) % 2 == 0 && t->size(1) <= D && t->size(1) == cos.size(1),
+                  "cos / sin must be (B, rotary_dim) bf16 with unit inner stride, rotary_dim even and <= head_dim");
+    }
+    TORCH_CHECK(kv.dim() == 5 && kv.is_contiguous() && kv.size(1) == 2 && kv.size(2) == Hkv && kv.size(4) == D,
+                "kv cache must be a contiguous (layers, 2, kv_heads, slots, head_dim) tensor");
+    const bool int8_cache = kv_scales.has_value();
+    TORCH_CHECK(int8_cache ? kv.scalar_type() == at::kChar && kv_scales->scalar_type() == at::kHalf &&
+                                 kv_scales->is_contiguous() && kv_scales->numel() == kv.numel() / D
+                           : kv.scalar_type() == at::kBFloat16, "kv cache must be bf16, or int8 with fp16 scales");
+    for (const auto& layer : layers) TORCH_CHECK(layer->index < kv.size(0), "layer index out of the cache's range");
+    TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.dim() == 2 && block_tables.size(0) == B &&
+                block_tables.is_contiguous() && context_lens.scalar_type() == at::kLong &&
+                context_lens.numel() == B && context_lens.is_contiguous(),
+                "block_tables (B, W) and context_lens (B,) must be contiguous int64");
+    const int64_t slots = kv.size(3), width = block_tables.size(1);
+    const int64_t* tables = block_tables.data_ptr<int64_t>();
+    const int64_t* lens = context_lens.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {  // every slot the attention will touch lies in the cache
+      TORCH_CHECK(lens[b] >= 1 && lens[b] <= width * block_size, "context length out of range of the block table");
+      for (int64_t i = 0; i < (lens[b] + block_size - 1) / block_size; ++i) {
+        TORCH_CHECK(0 <= tables[b * width + i] && (tables[b * width + i] + 1) * block_size <= slots,
+                    "block id out of range");
+      }
+    }
+    auto* x = static_cast<uint16_t*>(hidden.data_ptr());
+    for (const auto& layer : layers) {
+      const PagedCache cache{kv.data_ptr(), int8_cache ? kv_scales->data_ptr<at::Half>() : nullptr, Hkv, slots, D,
+                             block_size, layer->index};
+      run_layer(*layer, x, B, cache, cos, sin, tables, width, lens);
+    }
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(zili_cpu, m) {
-  m.def("decode_layer(Tensor(a!) hidden, Tensor?[] tensors, int[] ints, float[] floats, Tensor cos, Tensor sin, "
-        "Tensor(b!) kv, Tensor(c!)? kv_scales, Tensor block_tables, Tensor context_lens) -> ()");
+  m.class_<DecodeLayers>("DecodeLayers")
+      .def(torch::init<>())
+      .def("add", &DecodeLayers::add)
+      .def("size", &DecodeLayers::size)
+      .def("forward", &DecodeLayers::forward);
 }
-
-TORCH_LIBRARY_IMPL(zili_cpu, CPU, m) { m.impl("decode_layer", &decode_layer); }
 
 }  // namespace zili_cpu
