@@ -12,6 +12,7 @@
 // with up, residual adds rounded to bf16; rotary and attention compute in fp32 and round once.
 // zili/engine/fused_decode.py decides when this path applies; the Python model is its oracle.
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 #include <immintrin.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
@@ -474,6 +475,7 @@ struct DecodeLayers : torch::CustomClassHolder {
   void forward(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& kv,
                const std::optional<at::Tensor>& kv_scales, const at::Tensor& block_tables,
                const at::Tensor& context_lens) const {
+    RECORD_FUNCTION("zili_cpu::decode_layers", std::vector<c10::IValue>());  // an op to torch.profiler
     TORCH_CHECK(!layers.empty(), "DecodeLayers.forward: no layers added");
     const Layer& first = *layers[0];
     const int64_t H = first.hidden, D = first.head_dim, Hkv = first.kv_heads, block_size = first.block_size;
