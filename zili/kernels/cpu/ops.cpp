@@ -1,12 +1,12 @@
 // torch.ops.zili_cpu.*: argument checks, output allocation and the split of N across threads
-// (pool.h) around the raw kernels of kernels.h.
+// (pool.h; OpenMP for dequantize) around the raw kernels of kernels.h.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <optional>
 
 #include "kernels.h"
-#include "pool.h"
 #include "threads.h"
 
 namespace zili_cpu {
@@ -94,9 +94,11 @@ at::Tensor dequantize(const at::Tensor& weight, const at::Tensor& scales, const 
   char* op = static_cast<char*>(out.data_ptr());
   const OutType type = out_type_of(out);
   const int64_t row_size = K * out.element_size();
-  parallel_chunks(row_end - row_begin, chunk_rows(row_end - row_begin, 1), [&](int64_t begin, int64_t end) {
-    dequantize_rows(wp, static_cast<int>(bits), K, sp, zp, group_size, row_begin + begin, row_begin + end,
-                    op + begin * row_size, type);
+  // OpenMP, not pool.h: the slices alternate with oneDNN GEMMs on OpenMP's threads (prefill), and the
+  // pool's workers spinning after each slice would take a core from them.
+  at::parallel_for(row_begin, row_end, kGrainRows, [&](int64_t begin, int64_t end) {
+    dequantize_rows(wp, static_cast<int>(bits), K, sp, zp, group_size, begin, end,
+                    op + (begin - row_begin) * row_size, type);
   });
   return out;
 }
