@@ -142,26 +142,31 @@ float activate(Activation act, float g) {
   return g;
 }
 
-// out (B, I) = bf16(bf16(act(gate)) * up) for gate_up (B, 2I) = [gate | up]. One thread: vectorized,
-// 16 x 4864 values take tens of microseconds, less than waking the other threads would cost.
+// out (B, I) = bf16(bf16(act(gate)) * up) for gate_up (B, 2I) = [gate | up], vectorized. Rows go to the
+// pool from kThreadedGateRows rows on: 16 x 4864 values take tens of microseconds on one thread, and the
+// pool's workers are still spinning from the gate_up matmul, so handing them rows costs about one.
+constexpr int64_t kThreadedGateRows = 4;
+
 void gate(Activation act, const uint16_t* gate_up, int64_t B, int64_t I, uint16_t* out) {
-  for (int64_t b = 0; b < B; ++b) {
-    const uint16_t* g = gate_up + b * 2 * I;
-    uint16_t* o = out + b * I;
-    if (act != Activation::kSilu) {
-      for (int64_t i = 0; i < I; ++i) {
-        o[i] = float_to_bf16(round_bf16(activate(act, bf16_to_float(g[i]))) * bf16_to_float(g[I + i]));
+  parallel_chunks(B, B < kThreadedGateRows ? B : 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const uint16_t* g = gate_up + b * 2 * I;
+      uint16_t* o = out + b * I;
+      if (act != Activation::kSilu) {
+        for (int64_t i = 0; i < I; ++i) {
+          o[i] = float_to_bf16(round_bf16(activate(act, bf16_to_float(g[i]))) * bf16_to_float(g[I + i]));
+        }
+        continue;
       }
-      continue;
+      for (int64_t i = 0; i < I; i += 16) {  // silu(g) = g / (1 + exp(-g))
+        const __mmask16 mask = tail_mask(I - i);
+        const __m512 gv = load_bf16(g + i, mask);
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+        const __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+        store_bf16(o + i, _mm512_mul_ps(round_bf16(silu), load_bf16(g + I + i, mask)), mask);
+      }
     }
-    for (int64_t i = 0; i < I; i += 16) {  // silu(g) = g / (1 + exp(-g))
-      const __mmask16 mask = tail_mask(I - i);
-      const __m512 gv = load_bf16(g + i, mask);
-      const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
-      const __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-      store_bf16(o + i, _mm512_mul_ps(round_bf16(silu), load_bf16(g + I + i, mask)), mask);
-    }
-  }
+  });
 }
 
 // --- attention ----------------------------------------------------------------------------------
