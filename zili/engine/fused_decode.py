@@ -9,7 +9,7 @@ where its roundings sit), the same weight kernels, attention straight from the p
 
 It applies to bf16 Llama-family models on the CPU whose linear layers are bf16 or use zili's
 VNNI int8 / int4 kernels (without act-order permutation), with a bf16 or int8 KV cache; anything
-else keeps the Python model, which stays the oracle (tests/engine/test_fused_decode.py).
+else keeps the Python model, which stays the oracle (tests/kernels/test_fused_decode.py).
 """
 
 from __future__ import annotations
