@@ -39,8 +39,8 @@ class _Stream:
         self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
 
 
-def _put_all(batch: list[tuple[_Stream, RequestOutput | BaseException]]) -> None:
-    for stream, item in batch:
+def _put_all(batch: list[tuple[str, _Stream, RequestOutput | BaseException]]) -> None:
+    for _, stream, item in batch:
         stream.queue.put_nowait(item)
 
 
@@ -184,17 +184,15 @@ class AsyncLLMEngine:
     def _deliver_all(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
         """Hand items to their streams with one wake-up per event loop (not one per request): the
         consumer's thread then takes the GIL once per step instead of once per sequence."""
-        batches: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput | BaseException]]] = {}
-        request_ids: dict[asyncio.AbstractEventLoop, list[str]] = {}
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[str, _Stream, RequestOutput | BaseException]]] = {}
         with self._lock:
             for request_id, item in items:
                 stream = self._streams.get(request_id)
                 if stream is not None:
-                    batches.setdefault(stream.loop, []).append((stream, item))
-                    request_ids.setdefault(stream.loop, []).append(request_id)
+                    batches.setdefault(stream.loop, []).append((request_id, stream, item))
         for loop, batch in batches.items():
             try:
                 loop.call_soon_threadsafe(_put_all, batch)
             except RuntimeError:  # the consumer's event loop is closed
-                for request_id in request_ids[loop]:
+                for request_id, _, _ in batch:
                     self.engine.abort_request(request_id)

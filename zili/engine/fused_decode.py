@@ -4,8 +4,9 @@ A decode step computes one new token per sequence. Its time should be the time t
 weights once; through the Python model each of the 24 layers of a small model also costs ~50
 small PyTorch ops (norms, rotary, cache writes, gathers, attention, activation, residuals), which
 on a 2-core CPU added ~30% to a bf16 token and more to an int8 / int4 one. `FusedDecoder` runs
-all layers in one C++ call instead (their weights handed over once, at build): the same computation (zili/kernels/cpu/decode_layer.cpp says
-where its roundings sit), the same weight kernels, attention straight from the paged cache.
+all layers in one C++ call instead (their weights handed over once, at build): the same computation
+(zili/kernels/cpu/decode_layer.cpp says where its roundings sit), the same weight kernels, attention
+straight from the paged cache.
 
 It applies to bf16 Llama-family models on the CPU whose linear layers are bf16 or use zili's
 VNNI int8 / int4 kernels (without act-order permutation), with a bf16 or int8 KV cache; anything
@@ -26,12 +27,12 @@ from zili.models.llama import LlamaForCausalLM
 
 # zili/kernels/cpu/decode_layer.cpp's activation codes, by the function the model's MLP calls
 ACTIVATION_CODES = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu": 2, "relu": 3}
-BF16_BITS = 16  # the op's code for a dense bf16 weight
+BF16_BITS = 16  # DecodeLayers' code for a dense bf16 weight
 
 
 def _linear_args(layer: nn.Module) -> tuple[list[torch.Tensor | None], list[int]] | None:
     """(weight, scales, zero_scales, bias), (bits, group size) of one linear layer, or None when
-    the fused op cannot run it."""
+    the fused layers cannot run it."""
     if isinstance(layer, Linear):
         weight, bias = layer.weight, layer.bias
         if weight.dtype != torch.bfloat16 or not weight.is_contiguous():

@@ -7,7 +7,7 @@ asked for). Sampling and bookkeeping live elsewhere.
 
 Batch order: single-token chunks (decodes) first, then multi-token chunks (prefills), so the
 attention backend handles all decodes in one batched call. A batch of decodes only goes through
-`FusedDecoder` (one C++ call per layer) where the model and cache allow it.
+`FusedDecoder` (all layers in one C++ call) where the model and cache allow it.
 """
 
 from __future__ import annotations

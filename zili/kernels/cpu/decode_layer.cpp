@@ -33,11 +33,6 @@ namespace {
 
 // --- bf16 vectors -------------------------------------------------------------------------------
 
-inline __m512 load_bf16(const uint16_t* p, __mmask16 mask = 0xffff) {
-  const __m256i h = _mm256_maskz_loadu_epi16(mask, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
 inline __mmask16 tail_mask(int64_t remaining) {
   return remaining >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << remaining) - 1);
 }
@@ -46,9 +41,7 @@ inline float round_bf16(float v) { return bf16_to_float(float_to_bf16(v)); }
 
 // 16 fp32 lanes -> bf16, round to nearest even (vcvtneps2bf16), and back.
 inline __m256i to_bf16(__m512 v) { return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)); }
-inline __m512 round_bf16(__m512 v) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(v)), 16));
-}
+inline __m512 round_bf16(__m512 v) { return widen_bf16(to_bf16(v)); }
 inline void store_bf16(uint16_t* p, __m512 v, __mmask16 mask) { _mm256_mask_storeu_epi16(p, mask, to_bf16(v)); }
 
 // exp(x) to ~1 ulp: x = n ln2 + r, |r| <= ln2 / 2, e^r by Cephes' expf polynomial, scaled by 2^n.

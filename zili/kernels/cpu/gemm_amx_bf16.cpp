@@ -98,8 +98,7 @@ inline void compiler_barrier() { __asm__ volatile("" ::: "memory"); }
 inline __m512 bias_vector(const Bias& bias, int64_t n) {
   if (bias.data == nullptr) return _mm512_setzero_ps();
   if (!bias.is_bf16) return _mm512_loadu_ps(static_cast<const float*>(bias.data) + n);
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(bias.data) + n));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  return load_bf16(static_cast<const uint16_t*>(bias.data) + n);
 }
 
 // In-register transpose of 16 rows of 16 floats, in 4 stages: the stage of bit h swaps, for every pair of

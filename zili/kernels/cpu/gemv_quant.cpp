@@ -19,11 +19,7 @@ namespace zili_cpu {
 namespace {
 
 inline __m512 load16_as_float(const void* x, bool is_bf16, int64_t i) {
-  if (is_bf16) {
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(x) + i));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  }
-  return _mm512_loadu_ps(static_cast<const float*>(x) + i);
+  return is_bf16 ? load_bf16(static_cast<const uint16_t*>(x) + i) : _mm512_loadu_ps(static_cast<const float*>(x) + i);
 }
 
 float dot(const float* a, const float* b, int64_t n) {

@@ -6,6 +6,8 @@
 // Requires AVX512F/BW/VL + AVX512-BF16 (bf16) or AVX512-VNNI (int8/int4).
 #pragma once
 
+#include <immintrin.h>
+
 #include <cstdint>
 #include <cstring>
 
@@ -37,6 +39,14 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN stays Na
   if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
   u += 0x7fffu + ((u >> 16) & 1u);
   return static_cast<uint16_t>(u >> 16);
+}
+
+// 16 bf16 values as fp32 lanes (exact: bf16 is the high half of an fp32).
+inline __m512 widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+
+// 16 bf16 values from memory as fp32 lanes; lanes outside `mask` are 0.
+inline __m512 load_bf16(const uint16_t* p, __mmask16 mask = 0xffff) {
+  return widen_bf16(_mm256_maskz_loadu_epi16(mask, p));
 }
 
 // Output element types of the kernels: fp32 or bf16 (round to nearest even).
