@@ -27,6 +27,9 @@ DECODE_STEPS = 3
 CASES = {
     "llama-gqa": ("LlamaForCausalLM", {}),
     "llama-mha-head-dim-40": ("LlamaForCausalLM", {"num_key_value_heads": 4, "head_dim": 40}),
+    # 7 query heads per KV head and 80 channels: the attention's register tiles (4 heads x 64 channels) split
+    "llama-7-groups-head-dim-80": ("LlamaForCausalLM", {"num_attention_heads": 7, "num_key_value_heads": 1,
+                                                        "head_dim": 80}),
     "qwen2-bias": ("Qwen2ForCausalLM", {}),
     "qwen3-qk-norm": ("Qwen3ForCausalLM", {}),
     "mistral-window-5": ("MistralForCausalLM", {"sliding_window": 5}),

@@ -213,28 +213,84 @@ inline __m512 load_cached(const PagedCache& cache, int which, int64_t head, int6
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, cache.int8_vector(which, head, slot) + d)));
 }
 
-// dot(q, cached vector) with q in fp32.
-float dot_cached(const float* q, const PagedCache& cache, int which, int64_t head, int64_t slot) {
+// Up to kRun cached k or v vectors of one head (positions `first`.. of a sequence), dequantized to fp32
+// rows of `ld` floats (ld: head_dim rounded up to 16; the padding and rows from n on are 0).
+constexpr int64_t kRun = 16;
+
+template <typename SlotOf>
+void widen_run(const PagedCache& cache, int which, int64_t head, int64_t first, int64_t n, const SlotOf& slot_of,
+               float* rows, int64_t ld) {
   const int64_t D = cache.head_dim;
-  __m512 sum = _mm512_setzero_ps();
-  for (int64_t d = 0; d < D; d += 16) {
-    const __mmask16 mask = tail_mask(D - d);
-    sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, q + d), load_cached(cache, which, head, slot, d, mask), sum);
+  for (int64_t j = 0; j < kRun; ++j) {
+    float* row = rows + j * ld;
+    if (j >= n) {
+      std::fill(row, row + ld, 0.0f);
+      continue;
+    }
+    const int64_t slot = slot_of(first + j);
+    const __m512 scale = _mm512_set1_ps(cache.scales == nullptr ? 1.0f : cache.scale(which, head, slot));
+    for (int64_t d = 0; d < ld; d += 16) {
+      _mm512_storeu_ps(row + d, _mm512_mul_ps(load_cached(cache, which, head, slot, d, tail_mask(D - d)), scale));
+    }
   }
-  const float dot = _mm512_reduce_add_ps(sum);
-  return cache.scales == nullptr ? dot : dot * cache.scale(which, head, slot);
 }
 
-// acc (D fp32) += p * cached vector.
-void add_cached(float* acc, float p, const PagedCache& cache, int which, int64_t head, int64_t slot) {
-  const int64_t D = cache.head_dim;
-  const __m512 pv = _mm512_set1_ps(cache.scales == nullptr ? p : p * cache.scale(which, head, slot));
-  for (int64_t d = 0; d < D; d += 16) {
-    const __mmask16 mask = tail_mask(D - d);
-    const __m512 v = load_cached(cache, which, head, slot, d, mask);
-    _mm512_mask_storeu_ps(acc + d, mask, _mm512_fmadd_ps(pv, v, _mm512_maskz_loadu_ps(mask, acc + d)));
+// One vector whose lane j is the sum of the lanes of v[j] (a 16 x 16 transpose folded into the adds).
+inline __m512 sum_lanes(__m512 v[16]) {
+  __m512 pairs[8], quads[4];
+  for (int i = 0; i < 8; ++i) {  // per 128-bit lane: [a0 + a2, b0 + b2, a1 + a3, b1 + b3]
+    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
   }
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: [a, b, c, d], each a sum over that lane
+    const __m512d x = _mm512_castps_pd(pairs[2 * i]), y = _mm512_castps_pd(pairs[2 * i + 1]);
+    quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  // across the four 128-bit lanes
+  const __m512 q01 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], 0x88),
+                                   _mm512_shuffle_f32x4(quads[0], quads[1], 0xdd));
+  const __m512 q23 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], 0x88),
+                                   _mm512_shuffle_f32x4(quads[2], quads[3], 0xdd));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(q01, q23, 0x88), _mm512_shuffle_f32x4(q01, q23, 0xdd));
 }
+
+// Lane j: dot(q, keys row j) for the kRun rows of a widened run; q and the rows have ld floats.
+inline __m512 dot_run(const float* q, const float* keys, int64_t ld) {
+  __m512 partial[kRun];
+  for (int j = 0; j < kRun; ++j) partial[j] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < ld; d += 16) {
+    const __m512 qv = _mm512_loadu_ps(q + d);
+    for (int j = 0; j < kRun; ++j) partial[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(keys + j * ld + d), partial[j]);
+  }
+  return sum_lanes(partial);
+}
+
+// acc (G rows of ld floats, columns [d, d + 16 NV)) += p (G rows, p_ld apart) @ values (n rows of ld floats),
+// with the G x NV accumulators in registers.
+template <int G, int NV>
+void accumulate_values(float* acc, int64_t ld, int64_t d, const float* p, int64_t p_ld, const float* values,
+                       int64_t n) {
+  __m512 a[G][NV];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < NV; ++c) a[g][c] = _mm512_loadu_ps(acc + g * ld + d + 16 * c);
+  for (int64_t j = 0; j < n; ++j) {
+    __m512 v[NV];
+    for (int c = 0; c < NV; ++c) v[c] = _mm512_loadu_ps(values + j * ld + d + 16 * c);
+    for (int g = 0; g < G; ++g) {
+      const __m512 pg = _mm512_set1_ps(p[g * p_ld + j]);
+      for (int c = 0; c < NV; ++c) a[g][c] = _mm512_fmadd_ps(pg, v[c], a[g][c]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(acc + g * ld + d + 16 * c, a[g][c]);
+}
+
+using AccumulateValues = void (*)(float*, int64_t, int64_t, const float*, int64_t, const float*, int64_t);
+
+template <int G>
+constexpr AccumulateValues kAccumulateByWidth[4] = {accumulate_values<G, 1>, accumulate_values<G, 2>,
+                                                    accumulate_values<G, 3>, accumulate_values<G, 4>};
+constexpr const AccumulateValues* kAccumulate[4] = {kAccumulateByWidth<1>, kAccumulateByWidth<2>,
+                                                    kAccumulateByWidth<3>, kAccumulateByWidth<4>};
 
 struct AttentionShape {
   int64_t q_heads, kv_heads, head_dim, rotary_dim, sliding_window;  // sliding_window 0: none
@@ -253,11 +309,12 @@ void attention(uint16_t* qkv, int64_t B, const AttentionShape& shape, const Page
   const auto* cos_data = static_cast<const uint16_t*>(cos.data_ptr());
   const auto* sin_data = static_cast<const uint16_t*>(sin.data_ptr());
   const int64_t cos_ld = cos.stride(0), sin_ld = sin.stride(0);
+  const int64_t ld = (D + 15) / 16 * 16;  // fp32 rows of q, widened k / v and acc, padded with 0
   parallel_chunks(B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    thread_local std::vector<float> q, acc, scores, maxima, sums;
-    q.resize(groups * D);
-    acc.resize(groups * D);
-    maxima.resize(groups);
+    thread_local std::vector<float> q, acc, scores, run, sums;
+    q.assign(groups * ld, 0.0f);
+    acc.resize(groups * ld);
+    run.resize(kRun * ld);
     sums.resize(groups);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, h = task % Hkv;
@@ -287,37 +344,50 @@ void attention(uint16_t* qkv, int64_t B, const AttentionShape& shape, const Page
         uint16_t* qh = base + (h * groups + g) * D;
         if (q_norm != nullptr) rms_norm(qh, D, 1, D, q_norm, eps, qh, D);
         rotate(qh);
-        for (int64_t d = 0; d < D; ++d) q[g * D + d] = bf16_to_float(qh[d]);
+        for (int64_t d = 0; d < D; ++d) q[g * ld + d] = bf16_to_float(qh[d]);
       }
       const int64_t start = shape.sliding_window > 0 ? std::max<int64_t>(0, length - shape.sliding_window) : 0;
-      const int64_t count = length - start;
-      scores.resize(groups * count);
-      std::fill(maxima.begin(), maxima.end(), -std::numeric_limits<float>::infinity());
-      for (int64_t j = 0; j < count; ++j) {
-        const int64_t slot = slot_of(start + j);
+      const int64_t count = length - start, padded = (count + kRun - 1) / kRun * kRun;
+      // scores (groups rows of `padded`), kRun positions at a time: each key is widened once for all groups
+      scores.resize(groups * padded);
+      const __m512 scale = _mm512_set1_ps(shape.scale);
+      for (int64_t r = 0; r < count; r += kRun) {
+        widen_run(cache, 0, h, start + r, std::min(kRun, count - r), slot_of, run.data(), ld);
         for (int64_t g = 0; g < groups; ++g) {
-          const float s = dot_cached(q.data() + g * D, cache, 0, h, slot) * shape.scale;
-          scores[g * count + j] = s;
-          maxima[g] = std::max(maxima[g], s);
+          _mm512_storeu_ps(scores.data() + g * padded + r, _mm512_mul_ps(dot_run(q.data() + g * ld, run.data(), ld), scale));
         }
       }
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      std::fill(sums.begin(), sums.end(), 0.0f);
+      // softmax numerators in place (0 past `count`), and their sums
       for (int64_t g = 0; g < groups; ++g) {
-        for (int64_t j = 0; j < count; ++j) {
-          const float p = std::exp(scores[g * count + j] - maxima[g]);
-          scores[g * count + j] = p;
-          sums[g] += p;
+        float* s = scores.data() + g * padded;
+        __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+        for (int64_t r = 0; r < count; r += kRun) top = _mm512_mask_max_ps(top, tail_mask(count - r), top, _mm512_loadu_ps(s + r));
+        const __m512 maximum = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t r = 0; r < count; r += kRun) {
+          const __m512 p = _mm512_maskz_mov_ps(tail_mask(count - r), exp16(_mm512_sub_ps(_mm512_loadu_ps(s + r), maximum)));
+          _mm512_storeu_ps(s + r, p);
+          sum = _mm512_add_ps(sum, p);
         }
+        sums[g] = _mm512_reduce_add_ps(sum);
       }
-      for (int64_t j = 0; j < count; ++j) {
-        const int64_t slot = slot_of(start + j);
-        for (int64_t g = 0; g < groups; ++g) add_cached(acc.data() + g * D, scores[g * count + j], cache, 1, h, slot);
+      // acc = p @ values, kRun positions at a time, up to 4 groups x 64 channels in registers
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t r = 0; r < count; r += kRun) {
+        const int64_t n = std::min(kRun, count - r);
+        widen_run(cache, 1, h, start + r, n, slot_of, run.data(), ld);
+        for (int64_t g = 0; g < groups; g += 4) {
+          const int64_t G = std::min<int64_t>(4, groups - g);
+          for (int64_t d = 0; d < ld; d += 64) {
+            const int64_t width = std::min<int64_t>(4, (ld - d) / 16);
+            kAccumulate[G - 1][width - 1](acc.data() + g * ld, ld, d, scores.data() + g * padded + r, padded, run.data(), n);
+          }
+        }
       }
       for (int64_t g = 0; g < groups; ++g) {
         uint16_t* o = out + b * Hq * D + (h * groups + g) * D;
         const float inverse = 1.0f / sums[g];
-        for (int64_t d = 0; d < D; ++d) o[d] = float_to_bf16(acc[g * D + d] * inverse);
+        for (int64_t d = 0; d < D; ++d) o[d] = float_to_bf16(acc[g * ld + d] * inverse);
       }
     }
   });
