@@ -1,7 +1,8 @@
 """The fused C++ decoder layer (zili.engine.fused_decode) computes what the Python model computes.
 
 Oracle: the Python model over the same paged cache (zili.engine.paged_attention), itself tested
-against dense SDPA and transformers. Each case caches prompts of several lengths in scattered
+against dense SDPA and transformers, on PyTorch's own ops (zili's kernels off: the row ops share
+their code with the fused layers). Each case caches prompts of several lengths in scattered
 blocks through the Python model, copies the cache, then runs decode steps both ways: the hidden
 states and the k / v written into the cache must agree up to bf16 rounding (the two differ only
 in fp32 summation order and where rotary / attention round), every step reading what the
@@ -10,6 +11,7 @@ previous one wrote.
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import pytest
@@ -17,6 +19,7 @@ import torch
 from tiny_models import make_checkpoint, quantize_decoder_layers, random_tokens
 
 from zili.engine.fused_decode import FusedDecoder
+from zili.kernels import cpu_ext
 from zili.engine.paged_attention import AttentionMetadata, PagedAttention, PagedKVCache, padded_block_tables
 from zili.models.loader import load_model
 
@@ -41,6 +44,17 @@ CASES = {
 def folders(tmp_path_factory):
     return {name: make_checkpoint(tmp_path_factory.mktemp(name), arch, weight_std=0.1, **overrides)
             for name, (arch, overrides) in CASES.items()}
+
+
+@contextlib.contextmanager
+def pytorch_ops():
+    """Run the Python model on PyTorch's ops only, as ZILI_CPU_KERNELS=0 does."""
+    available = cpu_ext.available
+    cpu_ext.available = lambda: False
+    try:
+        yield
+    finally:
+        cpu_ext.available = available
 
 
 def new_cache(config, kv_cache_dtype: str) -> PagedKVCache:
@@ -75,7 +89,8 @@ def compare_decode(model, kv_cache_dtype: str = "auto", seed: int = 0) -> list[t
     metadata = AttentionMetadata.build([(t, 0, n) for t, n in zip(tables, CONTEXTS)], BLOCK_SIZE,
                                        python_cache.pad_block, torch.device("cpu"))
     positions = torch.cat([torch.arange(n) for n in CONTEXTS])
-    model(torch.cat(prompts), positions, PagedAttention(python_cache, metadata))
+    with pytorch_ops():
+        model(torch.cat(prompts), positions, PagedAttention(python_cache, metadata))
     fused_cache = copy_cache(python_cache, kv_cache_dtype, config)
     fused = FusedDecoder.build(model, fused_cache)
     assert fused is not None, "the fused decoder does not take this model"
@@ -86,7 +101,8 @@ def compare_decode(model, kv_cache_dtype: str = "auto", seed: int = 0) -> list[t
         positions = torch.tensor(lengths)
         metadata = AttentionMetadata.build([(t, n, 1) for t, n in zip(tables, lengths)], BLOCK_SIZE,
                                            python_cache.pad_block, torch.device("cpu"))
-        expected = model.model(tokens, positions, PagedAttention(python_cache, metadata))
+        with pytorch_ops():
+            expected = model.model(tokens, positions, PagedAttention(python_cache, metadata))
         got = fused.forward(tokens, positions, padded_block_tables(tables, fused_cache.pad_block))
         # int8 caches: compare the values the codes stand for
         fused_kv, python_kv = (dequantized(c) for c in (fused_cache, python_cache))

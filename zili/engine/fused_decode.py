@@ -21,12 +21,11 @@ from torch import nn
 from zili.engine.paged_attention import PagedKVCache
 from zili.kernels import cpu_ext
 from zili.kernels.quant_kernels import VnniKernel
+from zili.layers.activation import ACTIVATION_CODES
 from zili.layers.linear import Linear
 from zili.layers.quantized.linear import QuantLinear
 from zili.models.llama import LlamaForCausalLM
 
-# zili/kernels/cpu/decode_layer.cpp's activation codes, by the function the model's MLP calls
-ACTIVATION_CODES = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu": 2, "relu": 3}
 BF16_BITS = 16  # DecodeLayers' code for a dense bf16 weight
 
 

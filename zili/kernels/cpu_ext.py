@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).resolve().parent / "cpu"
 SOURCES = ("ops.cpp", "gemv_bf16.cpp", "gemm_amx_bf16.cpp", "gemv_quant.cpp", "dequantize.cpp", "threads.cpp",
-           "pool.cpp", "decode_layer.cpp")
+           "pool.cpp", "decode_layer.cpp", "row_ops.cpp")
 # compiler flag -> the /proc/cpuinfo flag that says the CPU runs it
 ISA_FLAGS = {
     "-mavx512f": "avx512f",
@@ -125,6 +125,9 @@ def _register_fake_kernels() -> None:
     torch.library.register_fake("zili_cpu::linear_bf16", linear_shape)
     torch.library.register_fake("zili_cpu::linear_quant", linear_shape)
     torch.library.register_fake("zili_cpu::dequantize", dequantize_shape)
+    torch.library.register_fake("zili_cpu::rms_norm", lambda x, weight, eps: torch.empty_like(x))
+    torch.library.register_fake("zili_cpu::gated_activation",
+                                lambda gate_up, activation: gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2))
 
 
 @functools.cache
@@ -155,6 +158,17 @@ def use_kernel(kind: str, rows: int) -> bool:
     return 0 < rows <= MAX_KERNEL_ROWS[kind] and available()
 
 
+def use_row_kernel(*tensors: torch.Tensor) -> bool:
+    """The row ops (rms_norm, gated_activation) take these tensors: contiguous bf16 on the CPU, no autograd.
+    They replace several PyTorch elementwise ops each, at any row count (decode to prefill)."""
+    for t in tensors:
+        if t.dtype is not torch.bfloat16 or not t.is_cpu or not t.is_contiguous():
+            return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False  # the ops have no backward
+    return available()
+
+
 def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) bf16/fp32 @ weight (N, K) bf16 .T (+ bias) -> (M, N) in x's dtype."""
     return torch.ops.zili_cpu.linear_bf16(x, weight, bias)
@@ -171,3 +185,14 @@ def dequantize(weight: torch.Tensor, scales: torch.Tensor, zero_scales: torch.Te
     """Rows `rows` (a step-1 slice) of a `linear_quant` weight as a dense (rows, K) `dtype` tensor."""
     start, stop, _ = rows.indices(weight.shape[0])
     return torch.ops.zili_cpu.dequantize(weight, scales, zero_scales, bits, group_size, start, stop, dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """bf16 x (..., H) -> bf16(weight * bf16(x * rsqrt(mean(x^2) + eps))), contiguous bf16 x and weight."""
+    return torch.ops.zili_cpu.rms_norm(x, weight, eps)
+
+
+def gated_activation(gate_up: torch.Tensor, activation: int) -> torch.Tensor:
+    """bf16 gate_up (..., 2I) = [gate | up] -> bf16(bf16(act(gate)) * up) (..., I); `activation` is an
+    ACTIVATION_CODES value."""
+    return torch.ops.zili_cpu.gated_activation(gate_up, activation)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from zili.config import ModelConfig
-from zili.layers.activation import gated, get_activation
+from zili.layers.activation import GatedActivation
 from zili.layers.attention import AttentionBackend
 from zili.layers.linear import Linear
 from zili.layers.norm import RMSNorm
@@ -60,10 +60,10 @@ class MLP(nn.Module):
         size = config.intermediate_size
         self.gate_up_proj = Linear(config.hidden_size, [size, size], bias=config.mlp_bias)
         self.down_proj = Linear(size, config.hidden_size, bias=config.mlp_bias)
-        self.act = get_activation(config.hidden_act)
+        self.act = GatedActivation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gated(self.act, self.gate_up_proj(x)))
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
