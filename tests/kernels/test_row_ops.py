@@ -1,8 +1,8 @@
-"""The row ops (cpu/row_ops.cpp: RMSNorm, act(gate) * up) against fp64 references rounded where they round.
+"""The row ops (cpu/row_ops.cpp: RMSNorm, act(gate) * up, rotary) against fp64 references rounded where they round.
 
 Oracle: the op computed in fp64 from the same bf16 values, rounded to bf16 at the places the
 PyTorch expressions of zili.layers.norm / zili.layers.activation round (the normalized x, then its
-product with the weight; act(gate), then its product with up). The kernels compute in fp32, so they
+product with the weight; act(gate), then its product with up; each rotary product, then their sum). The kernels compute in fp32, so they
 may land on the other side of a rounding boundary: at most one bf16 ulp (relative 2**-7) per
 rounding, and rarely (>= 99% of the values are bitwise equal).
 """
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from zili.kernels import cpu_ext
 from zili.layers.activation import ACTIVATION_CODES, ACTIVATIONS, GatedActivation
 from zili.layers.norm import RMSNorm
+from zili.layers.rotary import apply_rotary
 
 ULP = 2.0**-7  # one bf16 ulp, relative
 
@@ -75,20 +76,27 @@ def count_calls(monkeypatch, name):
 
 
 def test_the_layers_take_the_ops_for_bf16_inference_only(cpu_kernels, monkeypatch):
-    norm_calls, act_calls = count_calls(monkeypatch, "rms_norm"), count_calls(monkeypatch, "gated_activation")
+    calls = {name: count_calls(monkeypatch, name) for name in ("rms_norm", "gated_activation", "rotary")}
     norm, x = norm_case((4, 64))
     act = GatedActivation("silu")
+    heads = x.view(4, 2, 32)
+    cos, sin = torch.ones(4, 32, dtype=torch.bfloat16), torch.zeros(4, 32, dtype=torch.bfloat16)
+
+    def run_all(norm, x, heads, cos, sin):
+        return norm(x), act(x), apply_rotary(heads, cos, sin)
+
     with torch.inference_mode():
-        norm(x), act(x)
-    assert (len(norm_calls), len(act_calls)) == (1, 1)
-    # fp32 values, a strided view, tensors autograd tracks: the PyTorch expressions
+        run_all(norm, x, heads, cos, sin)
+    assert {name: len(c) for name, c in calls.items()} == {"rms_norm": 1, "gated_activation": 1, "rotary": 1}
+    # fp32 values, strided views, tensors autograd tracks: the PyTorch expressions
     with torch.inference_mode():
-        copy.deepcopy(norm).float()(x.float()), act(x.float())
+        run_all(copy.deepcopy(norm).float(), x.float(), heads.float(), cos.float(), sin.float())
         strided = x[:, ::2]
-        RMSNorm(32).bfloat16()(strided), act(strided)
+        RMSNorm(32).bfloat16()(strided), act(strided), apply_rotary(heads, cos[:, ::2], sin[:, ::2])
     leaf = x.clone().requires_grad_()
-    assert norm(leaf).grad_fn is not None and act(leaf).grad_fn is not None
-    assert (len(norm_calls), len(act_calls)) == (1, 1)
+    outputs = run_all(norm, leaf, leaf.view(4, 2, 32), cos, sin)
+    assert all(out.grad_fn is not None for out in outputs)
+    assert {name: len(c) for name, c in calls.items()} == {"rms_norm": 1, "gated_activation": 1, "rotary": 1}
 
 
 def test_bad_inputs_get_clear_errors(cpu_kernels):
@@ -101,18 +109,51 @@ def test_bad_inputs_get_clear_errors(cpu_kernels):
         cpu_kernels.gated_activation(torch.randn(3, 7).bfloat16(), 0)
     with pytest.raises(RuntimeError, match="unknown activation code 9"):
         cpu_kernels.gated_activation(x, 9)
+    heads, angles = x.view(3, 2, 4), torch.zeros(3, 6, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="rotary_dim 6 must be even and at most head_dim 4"):
+        cpu_kernels.rotary(heads, angles, angles)
+    with pytest.raises(RuntimeError, match=r"cos and sin must be \(3, rotary_dim\)"):
+        cpu_kernels.rotary(heads, angles[:2, :4].contiguous(), angles[:2, :4].contiguous())
 
 
 def test_rows_split_across_threads_give_the_same_bits(cpu_kernels):
     norm, x = norm_case((600, 896))
     gate_up = (torch.randn(40, 2 * 4864, generator=torch.Generator().manual_seed(2)) * 3).bfloat16()
+    heads = gate_up.view(40, 76, 128)
+    angles = torch.randn(40, 128).bfloat16()
     threads, runs = torch.get_num_threads(), {}
     try:
         for count in (1, 2, 3):
             torch.set_num_threads(count)
             runs[count] = (cpu_kernels.rms_norm(x, norm.weight, norm.eps),
-                           cpu_kernels.gated_activation(gate_up, ACTIVATION_CODES["silu"]))
+                           cpu_kernels.gated_activation(gate_up, ACTIVATION_CODES["silu"]),
+                           cpu_kernels.rotary(heads, angles, angles))
     finally:
         torch.set_num_threads(threads)
     for count, outputs in runs.items():
         assert all(torch.equal(a, e) for a, e in zip(outputs, runs[1])), f"{count} threads differ from one"
+
+
+def rotary_reference(x, cos, sin):
+    """apply_rotary in fp64, rounded to bf16 after each product and after the sum, as the bf16 expression."""
+    half = cos.shape[-1] // 2
+    x64, c, s = x.double(), cos.double()[:, None, :], sin.double()[:, None, :]
+    rot = x64[..., : 2 * half]
+    turned = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+    rounded = lambda t: t.bfloat16().double()  # noqa: E731
+    out = (rounded(rot * c) + rounded(turned * s)).bfloat16()
+    return torch.cat((out, x[..., 2 * half:]), dim=-1)
+
+
+@pytest.mark.parametrize("tokens,heads,head_dim,rotary_dim", [(1, 14, 64, 64), (37, 3, 40, 40), (300, 4, 128, 64),
+                                                              (5, 2, 80, 48)])
+def test_rotary_matches_fp64_on_a_view_of_fused_qkv(cpu_kernels, tokens, heads, head_dim, rotary_dim):
+    gen = torch.Generator().manual_seed(3)
+    qkv = (torch.randn(tokens, (heads + 2) * head_dim, generator=gen) * 2).bfloat16()
+    q = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)  # strided, as Attention.forward splits it
+    angles = torch.rand(tokens, rotary_dim // 2, generator=gen, dtype=torch.float64) * 6.3
+    angles = torch.cat((angles, angles), dim=-1)
+    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+    got = cpu_kernels.rotary(q, cos, sin)
+    assert got.is_contiguous()
+    assert_rounding_twins(got, rotary_reference(q, cos, sin), roundings=3)

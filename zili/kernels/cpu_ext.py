@@ -128,6 +128,7 @@ def _register_fake_kernels() -> None:
     torch.library.register_fake("zili_cpu::rms_norm", lambda x, weight, eps: torch.empty_like(x))
     torch.library.register_fake("zili_cpu::gated_activation",
                                 lambda gate_up, activation: gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2))
+    torch.library.register_fake("zili_cpu::rotary", lambda x, cos, sin: x.new_empty(x.shape))
 
 
 @functools.cache
@@ -196,3 +197,9 @@ def gated_activation(gate_up: torch.Tensor, activation: int) -> torch.Tensor:
     """bf16 gate_up (..., 2I) = [gate | up] -> bf16(bf16(act(gate)) * up) (..., I); `activation` is an
     ACTIVATION_CODES value."""
     return torch.ops.zili_cpu.gated_activation(gate_up, activation)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """bf16 x (T, heads, head_dim), channels contiguous; contiguous bf16 cos / sin (T, rotary_dim) -> x with
+    rotate-half rotary on its first rotary_dim channels, as zili.layers.rotary.apply_rotary (contiguous)."""
+    return torch.ops.zili_cpu.rotary(x, cos, sin)

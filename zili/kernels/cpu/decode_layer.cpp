@@ -239,16 +239,7 @@ void attention(uint16_t* qkv, int64_t B, const AttentionShape& shape, const Page
       uint16_t* base = qkv + b * row;
       const uint16_t* cs = cos_data + b * cos_ld;
       const uint16_t* sn = sin_data + b * sin_ld;
-      // rotate-half rotary on the first rotary_dim channels of one head vector, in place
-      auto rotate = [&](uint16_t* v) {
-        for (int64_t i = 0; i < half; ++i) {
-          const float x1 = bf16_to_float(v[i]), x2 = bf16_to_float(v[i + half]);
-          const float c1 = bf16_to_float(cs[i]), s1 = bf16_to_float(sn[i]);
-          const float c2 = bf16_to_float(cs[i + half]), s2 = bf16_to_float(sn[i + half]);
-          v[i] = float_to_bf16(round_bf16(x1 * c1) + round_bf16(-x2 * s1));
-          v[i + half] = float_to_bf16(round_bf16(x2 * c2) + round_bf16(x1 * s2));
-        }
-      };
+      auto rotate = [&](uint16_t* v) { rotary_row(v, cs, sn, half, v); };  // in place
       uint16_t* k = base + (Hq + h) * D;
       uint16_t* v = base + (Hq + Hkv + h) * D;
       if (k_norm != nullptr) rms_norm(k, D, 1, D, k_norm, eps, k, D);

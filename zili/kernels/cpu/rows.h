@@ -62,6 +62,22 @@ inline void rms_norm(const uint16_t* x, int64_t ldx, int64_t rows, int64_t size,
 
 enum class Activation : int64_t { kSilu = 0, kGeluTanh = 1, kGelu = 2, kRelu = 3 };
 
+// Rotate-half rotary on the first 2 * half channels of one head vector: out[i] = bf16(bf16(x1 c1) +
+// bf16(-x2 s1)) and out[half + i] = bf16(bf16(x2 c2) + bf16(x1 s2)) for x1 = x[i], x2 = x[half + i], as
+// zili.layers.rotary.apply_rotary rounds in bf16. out may be x.
+inline void rotary_row(const uint16_t* x, const uint16_t* cos, const uint16_t* sin, int64_t half, uint16_t* out) {
+  for (int64_t i = 0; i < half; i += 16) {
+    const __mmask16 mask = tail_mask(half - i);
+    const __m512 x1 = load_bf16(x + i, mask), x2 = load_bf16(x + half + i, mask);
+    const __m512 c1 = load_bf16(cos + i, mask), s1 = load_bf16(sin + i, mask);
+    const __m512 c2 = load_bf16(cos + half + i, mask), s2 = load_bf16(sin + half + i, mask);
+    const __m512 minus_x2 = _mm512_sub_ps(_mm512_setzero_ps(), x2);
+    store_bf16(out + i, _mm512_add_ps(round_bf16(_mm512_mul_ps(x1, c1)), round_bf16(_mm512_mul_ps(minus_x2, s1))), mask);
+    store_bf16(out + half + i, _mm512_add_ps(round_bf16(_mm512_mul_ps(x2, c2)), round_bf16(_mm512_mul_ps(x1, s2))),
+               mask);
+  }
+}
+
 // The activations in forms that do not cancel: GELU's 1 + erf(x) and 1 + tanh(x) lose most of their
 // digits for x < -2 in fp32, erfc(-x) and 2 / (1 + exp(-2x)) do not.
 inline float activate(Activation act, float g) {
