@@ -8,11 +8,12 @@ load failure logs one warning and zili keeps using PyTorch's own kernels. ZILI_C
 (read once per process) turns the kernels off; ZILI_CPU_AMX=0 only their AMX path (bf16 weights
 then go through the AVX512-BF16 kernel, up to its own row limit).
 
-`MAX_KERNEL_ROWS` is the one dispatch rule. The kernels read every weight once and compute with
+`MAX_KERNEL_ROWS` is the one dispatch rule for the weight kernels. They read every weight once and compute with
 AVX-512 dot products, 8 rows of x at a time, or for bf16 weights on a CPU with AMX with tile
 products, 32 rows at a time: they win while the weights' bytes dominate (decode, batched decode).
 Larger M (prefill, big batches) goes to PyTorch's oneDNN / AMX GEMM, which is compute-rich here;
-quantized weights get there through a dequantized slice at a time.
+quantized weights get there through a dequantized slice at a time. The row ops (RMSNorm, rotary,
+gated activation) take bf16 rows at any row count (`use_row_kernel`).
 """
 
 from __future__ import annotations
@@ -159,13 +160,16 @@ def use_kernel(kind: str, rows: int) -> bool:
     return 0 < rows <= MAX_KERNEL_ROWS[kind] and available()
 
 
-def use_row_kernel(*tensors: torch.Tensor) -> bool:
-    """The row ops (rms_norm, gated_activation) take these tensors: contiguous bf16 on the CPU, no autograd.
+def use_row_kernel(*tensors: torch.Tensor, strided: tuple[torch.Tensor, ...] = ()) -> bool:
+    """The row ops (rms_norm, gated_activation, rotary) take these tensors: bf16 on the CPU, no autograd,
+    contiguous (`tensors`) or with contiguous last dimensions only (`strided`: rotary's q / k views).
     They replace several PyTorch elementwise ops each, at any row count (decode to prefill)."""
-    for t in tensors:
-        if t.dtype is not torch.bfloat16 or not t.is_cpu or not t.is_contiguous():
-            return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    everything = (*tensors, *strided)
+    if any(t.dtype is not torch.bfloat16 or not t.is_cpu for t in everything):
+        return False
+    if not all(t.is_contiguous() for t in tensors) or any(t.stride(-1) != 1 for t in strided):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in everything):
         return False  # the ops have no backward
     return available()
 

@@ -136,8 +136,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
     bf16 inference on the CPU runs zili's C++ row op (one pass instead of six PyTorch ops), which
     rounds where this expression does; the expression stays the fallback and the test oracle."""
-    if (x.dim() == 3 and x.dtype is torch.bfloat16 and x.is_cpu and x.stride(-1) == 1
-            and not (torch.is_grad_enabled() and x.requires_grad) and cpu_ext.use_row_kernel(cos, sin)):
+    if x.dim() == 3 and cpu_ext.use_row_kernel(cos, sin, strided=(x,)):
         return cpu_ext.rotary(x, cos, sin)
     rotary_dim = cos.shape[-1]
     cos, sin = cos[:, None, :], sin[:, None, :]

@@ -9,7 +9,8 @@
 //
 // The numerics follow zili/models/llama.py with bf16 activations: RMSNorm in fp32 rounded to bf16
 // then scaled by the bf16 weight, linears with bf16 outputs, act(gate) rounded before the product
-// with up, residual adds rounded to bf16; rotary and attention compute in fp32 and round once.
+// with up, residual adds rounded to bf16; rotary rounds each product and their sum (rows.h);
+// attention computes in fp32 and rounds once.
 // zili/engine/fused_decode.py decides when this path applies; the Python model is its oracle.
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
@@ -131,10 +132,11 @@ inline __m512 load_cached(const PagedCache& cache, int which, int64_t head, int6
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, cache.int8_vector(which, head, slot) + d)));
 }
 
-// Up to kRun cached k or v vectors of one head (positions `first`.. of a sequence), dequantized to fp32
-// rows of `ld` floats (ld: head_dim rounded up to 16; the padding and rows from n on are 0).
+// Positions the attention takes per pass: their keys / values are widened once for all query heads.
 constexpr int64_t kRun = 16;
 
+// Up to kRun cached k or v vectors of one head (positions `first`.. of a sequence), dequantized to fp32
+// rows of `ld` floats (ld: head_dim rounded up to 16; the padding and rows from n on are 0).
 template <typename SlotOf>
 void widen_run(const PagedCache& cache, int which, int64_t head, int64_t first, int64_t n, const SlotOf& slot_of,
                float* rows, int64_t ld) {

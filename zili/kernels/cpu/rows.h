@@ -1,6 +1,7 @@
 // Row-wise bf16 helpers of the Llama-family layers, shared by the fused decode layers
-// (decode_layer.cpp) and the row ops of row_ops.cpp: RMSNorm and the gated MLP activation, with
-// the rounding of zili/models/llama.py (bf16 activations, fp32 arithmetic, one rounding per op).
+// (decode_layer.cpp) and the row ops of row_ops.cpp: RMSNorm, rotary and the gated MLP activation,
+// with the roundings of zili/models/llama.py (bf16 activations, fp32 arithmetic, a rounding wherever
+// the PyTorch expression produces a bf16 tensor).
 #pragma once
 
 #include <immintrin.h>
@@ -42,7 +43,7 @@ inline __m512 exp16(__m512 x) {
 
 // out = bf16(w * bf16(x * rsqrt(mean(x^2) + eps))) for each of `rows` rows of `size` values.
 inline void rms_norm(const uint16_t* x, int64_t ldx, int64_t rows, int64_t size, const uint16_t* w, float eps,
-              uint16_t* out, int64_t ldo) {
+                     uint16_t* out, int64_t ldo) {
   for (int64_t r = 0; r < rows; ++r) {
     const uint16_t* xr = x + r * ldx;
     __m512 sum = _mm512_setzero_ps();
@@ -60,8 +61,6 @@ inline void rms_norm(const uint16_t* x, int64_t ldx, int64_t rows, int64_t size,
   }
 }
 
-enum class Activation : int64_t { kSilu = 0, kGeluTanh = 1, kGelu = 2, kRelu = 3 };
-
 // Rotate-half rotary on the first 2 * half channels of one head vector: out[i] = bf16(bf16(x1 c1) +
 // bf16(-x2 s1)) and out[half + i] = bf16(bf16(x2 c2) + bf16(x1 s2)) for x1 = x[i], x2 = x[half + i], as
 // zili.layers.rotary.apply_rotary rounds in bf16. out may be x.
@@ -77,6 +76,8 @@ inline void rotary_row(const uint16_t* x, const uint16_t* cos, const uint16_t* s
                mask);
   }
 }
+
+enum class Activation : int64_t { kSilu = 0, kGeluTanh = 1, kGelu = 2, kRelu = 3 };
 
 // The activations in forms that do not cancel: GELU's 1 + erf(x) and 1 + tanh(x) lose most of their
 // digits for x < -2 in fp32, erfc(-x) and 2 / (1 + exp(-2x)) do not.
