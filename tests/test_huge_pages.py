@@ -1,0 +1,154 @@
+"""Moving a model's weights onto huge-page-advised memory (zili/huge_pages.py).
+
+The oracle is the model before the move: every value, every tie between parameters and every view
+relation must survive bit for bit, and the loaded model must compute the same logits as one loaded
+without the move. Where the kernel backs the memory with huge pages is its choice and is not asserted;
+the layout the move promises (2 MiB aligned arenas, 4 KiB aligned tensors in module order) is.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from torch import nn
+
+from tiny_models import make_checkpoint, random_tokens, zili_logits
+from zili import huge_pages
+from zili.huge_pages import HUGE_PAGE, PAGE, huge_page_buffer, move_to_huge_pages
+from zili.models.loader import load_model
+
+pytestmark = pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_HUGEPAGE"), reason="needs Linux madvise")
+
+
+@pytest.fixture(autouse=True)
+def thp_available(tmp_path, monkeypatch):
+    """Huge pages on, whatever this host's THP mode: madvise is only advice, so the move runs anywhere."""
+    mode = tmp_path / "enabled"
+    mode.write_text("always [madvise] never\n")
+    monkeypatch.setattr(huge_pages, "THP_MODE", mode)
+    monkeypatch.delenv("ZILI_HUGE_PAGES", raising=False)
+    return mode
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(300, 64)          # 76.8 KB
+        self.proj = nn.Linear(64, 256)               # 64 KB weight, 1 KB bias (stays: under 4 KiB)
+        self.head = nn.Linear(64, 300, bias=False)
+        self.head.weight = self.embed.weight         # tied, as in tie_word_embeddings
+        self.register_buffer("rows", self.proj.weight.detach()[10:20])  # a view of proj's storage
+
+
+def test_move_keeps_values_ties_and_views():
+    model = Tied()
+    before = {name: t.detach().clone() for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    bias_ptr = model.proj.bias.data_ptr()
+    moved = move_to_huge_pages(model)
+
+    assert moved == 300 * 64 * 4 + 256 * 64 * 4  # the embedding once (tied), proj's storage once (viewed)
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        assert torch.equal(t, before[name]), name
+    assert model.head.weight is model.embed.weight
+    assert isinstance(model.proj.weight, nn.Parameter) and model.proj.weight.requires_grad
+    assert model.proj.bias.data_ptr() == bias_ptr  # under min_bytes: not moved
+    # the view still views the weight: same offset, and writes go through
+    assert model.rows.data_ptr() - model.proj.weight.data_ptr() == 10 * 64 * 4
+    with torch.no_grad():
+        model.proj.weight[12, 5] = 7.0
+    assert model.rows[2, 5].item() == 7.0
+    # one arena starting on a huge page, storages 4 KiB aligned in order of first appearance (the root's
+    # `rows` buffer comes first, so proj's storage does)
+    embed, proj = model.embed.weight.data_ptr(), model.proj.weight.data_ptr()
+    assert proj % HUGE_PAGE == 0
+    assert embed == proj + -(-256 * 64 * 4 // PAGE) * PAGE
+    assert model.embed.weight.untyped_storage().data_ptr() == model.proj.weight.untyped_storage().data_ptr()
+
+
+def test_arenas_are_filled_in_module_order():
+    layers = nn.ModuleList(nn.Linear(256, 256, bias=False) for _ in range(6))  # 256 KiB each
+    values = [layer.weight.detach().clone() for layer in layers]
+    move_to_huge_pages(layers, arena_bytes=600 << 10)  # two weights per arena
+    pointers = [layer.weight.data_ptr() for layer in layers]
+    storages = [layer.weight.untyped_storage().data_ptr() for layer in layers]
+    assert len(set(storages)) == 3
+    for first in (0, 2, 4):
+        assert storages[first] == storages[first + 1]
+        assert pointers[first] % HUGE_PAGE == 0
+        assert pointers[first + 1] - pointers[first] == 256 * 256 * 4
+    for layer, value in zip(layers, values):
+        assert torch.equal(layer.weight, value)
+
+
+def test_a_second_move_moves_nothing():
+    model = Tied()
+    move_to_huge_pages(model)
+    pointers = [p.data_ptr() for p in model.parameters()]
+    assert move_to_huge_pages(model) == 0
+    assert [p.data_ptr() for p in model.parameters()] == pointers
+
+
+@pytest.mark.parametrize("how", ["env", "never"])
+def test_switched_off_nothing_moves(how, thp_available, monkeypatch):
+    if how == "env":
+        monkeypatch.setenv("ZILI_HUGE_PAGES", "0")
+    else:
+        thp_available.write_text("always madvise [never]\n")
+    model = Tied()
+    pointers = [p.data_ptr() for p in model.parameters()]
+    assert not huge_pages.enabled()
+    assert move_to_huge_pages(model) == 0
+    assert [p.data_ptr() for p in model.parameters()] == pointers
+
+
+def test_memory_outlives_the_module_and_buffer():
+    model = Tied()
+    move_to_huge_pages(model)
+    weight, expected = model.proj.weight, model.proj.weight.detach().clone()
+    del model
+    gc.collect()
+    assert torch.equal(weight, expected)  # the mapping is alive while a tensor uses it
+    buffer = huge_page_buffer(3 * HUGE_PAGE + 5)
+    assert buffer.dtype == torch.uint8 and buffer.numel() == 3 * HUGE_PAGE + 5
+    assert buffer.data_ptr() % HUGE_PAGE == 0
+    buffer.fill_(1)  # every byte is writable
+    assert int(buffer.sum()) == buffer.numel()
+
+
+def test_moved_parameters_still_train():
+    model = Tied()
+    move_to_huge_pages(model)
+    x = torch.randint(0, 300, (4,))
+    loss = model.head(model.embed(x)).logsumexp(-1).sum()
+    loss.backward()
+    assert model.embed.weight.grad is not None and model.embed.weight.grad.abs().sum() > 0
+    torch.optim.SGD(model.parameters(), lr=0.1).step()  # in-place updates land in the arena
+
+
+def test_huge_page_bytes_reads_the_mapping():
+    buffer = huge_page_buffer(4 * HUGE_PAGE).fill_(1)
+    backed = huge_pages.huge_page_bytes(buffer)
+    assert backed is None or 0 <= backed <= 5 * HUGE_PAGE  # this mapping, not the whole process
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("hp"), "LlamaForCausalLM", dtype=torch.bfloat16,
+                           tie_word_embeddings=True)
+
+
+def test_loaded_model_computes_the_same_with_and_without_huge_pages(checkpoint, monkeypatch):
+    monkeypatch.setenv("ZILI_HUGE_PAGES", "0")
+    plain, _ = load_model(checkpoint, device="cpu", dtype=torch.bfloat16)
+    monkeypatch.delenv("ZILI_HUGE_PAGES")
+    moved, _ = load_model(checkpoint, device="cpu", dtype=torch.bfloat16)
+    embed = moved.model.embed_tokens.weight
+    assert embed.data_ptr() % HUGE_PAGE == 0  # the first tensor in module order opens the arena
+    assert moved.lm_head.weight is embed
+    big = [p for p in moved.parameters() if p.untyped_storage().nbytes() >= PAGE]
+    assert big and all(p.data_ptr() % PAGE == 0 for p in big)
+    tokens = random_tokens(moved.config.vocab_size, 24, seed=5)
+    assert torch.equal(zili_logits(moved, tokens), zili_logits(plain, tokens))
