@@ -12,7 +12,7 @@ import math
 import sys
 from pathlib import Path
 
-from common import FUSED_LAYERS, GGUF_TYPE, PRECISIONS, REPO_DIR, RESULTS_DIR
+from common import FUSED_LAYERS, GGUF_TYPE, PRECISIONS, REPO_DIR, RESULTS_DIR, median
 
 DOC_PATH = REPO_DIR / "docs" / "benchmarks.md"
 CHART_PATH = REPO_DIR / "docs" / "benchmarks.png"
@@ -44,12 +44,17 @@ def ratio(a, b) -> float | None:
 
 
 def bound_percent(results: dict, engine: str, precision: str) -> float | None:
-    """Decode tok/s as a share of bandwidth / weight bytes per token."""
+    """Decode tok/s as a share of bandwidth / weight bytes per token: per round against that round's
+    read bandwidth (the median over rounds) where both were measured each round, else against the best read."""
     tok_s = get(results, engine, precision, "decode_tok_s")
     weight_bytes = get(results, engine, precision, "bytes_per_token")
     gbps = get(results, "bandwidth", precision, "best_gbps")
     if not (tok_s and weight_bytes and gbps):
         return None
+    samples = get(results, engine, precision, "decode_samples") or []
+    rounds = get(results, "bandwidth", precision, "rounds_gbps") or []
+    if samples and len(samples) == len(rounds):
+        return median([100.0 * t * weight_bytes / (bw * 1e9) for t, bw in zip(samples, rounds)])
     return 100.0 * tok_s * weight_bytes / (gbps * 1e9)
 
 
@@ -227,6 +232,8 @@ PAGE_NAMES = {"2m": "2 MiB pages", "4k": "4 KiB pages"}
 def bandwidth_text(probe: dict) -> str:
     """'27.1 GB/s best, 26.8 median on 2 MiB pages (4 KiB pages: 19.2 / 18.8)': the bound first."""
     text = f"{fmt(probe.get('best_gbps'))} GB/s best, {fmt(probe.get('median_gbps'))} median"
+    if len(probe.get("rounds_gbps", [])) > 1:
+        text += f" (best per round: {' / '.join(fmt(r) for r in probe['rounds_gbps'])})"
     others = {name: b for name, b in probe.get("by_page", {}).items() if name != probe.get("pages")}
     if probe.get("pages"):
         text += f" on {PAGE_NAMES.get(probe['pages'], probe['pages'])}"
@@ -271,8 +278,8 @@ def render_markdown(results: dict) -> str:
         "",
         *offline_table(results, "decode_tok_s"),
         "",
-        "% of bound = decode tok/s x weight bytes read per token / best read bandwidth (the tied "
-        "embedding is read once, as the output head).",
+        "% of bound = decode tok/s x weight bytes read per token / read bandwidth, each round against the read "
+        "of the same round (the median over rounds is shown; the tied embedding is read once, as the output head).",
         "",
         f"## Prefill ({settings.get('prefill_tokens', 512)}-token prompt)",
         "",
