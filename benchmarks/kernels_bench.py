@@ -42,6 +42,8 @@ from bandwidth import read_bandwidth
 from common import MODEL_DIR, QUANT_DIR, REPO_DIR, RESULTS_DIR, emit, log, median, safetensors_bytes_per_token
 
 sys.path.insert(0, str(REPO_DIR))
+from zili import huge_pages  # noqa: E402
+from zili.huge_pages import huge_page_buffer, move_to_huge_pages  # noqa: E402
 from zili.kernels import cpu_ext  # noqa: E402
 from zili.kernels.quant_kernels import CpuVnniInt4Kernel, CpuVnniInt8Kernel  # noqa: E402
 from zili.layers.quantized.weight import QuantizedWeight  # noqa: E402
@@ -96,7 +98,27 @@ def copies_of(state, count: int) -> list:
         copy.__dict__.update(s.__dict__)
         copy._buffers = {name: None if b is None else b.clone() for name, b in s._buffers.items()}
         return copy
-    return [state] + [clone(state) for _ in range(count - 1)]
+    copies = [state] + [clone(state) for _ in range(count - 1)]
+    on_huge_pages(copies)
+    return copies
+
+
+def on_huge_pages(states: list) -> None:
+    """Every tensor of `states` onto huge-page arenas, as zili's loader places a model's weights (the
+    streaming-read figure beside it reads huge pages too, where the system has them)."""
+    holder = torch.nn.Module()
+    def collect(s):
+        if isinstance(s, torch.Tensor):
+            holder.register_buffer(f"t{len(holder._buffers)}", s)
+        elif isinstance(s, tuple):
+            for t in s:
+                collect(t)
+        else:
+            for b in s.buffers():
+                collect(b)
+    for s in states:
+        collect(s)
+    move_to_huge_pages(holder)
 
 
 CLOCK = time.perf_counter  # --clock cpu: this thread's CPU time (one thread; robust to a busy machine)
@@ -118,7 +140,8 @@ def streaming_read(num_bytes: int, reps: int) -> dict:
     """GB/s of a float32 sum over `num_bytes` timed with CLOCK (bandwidth.read_bandwidth times wall clock)."""
     if CLOCK is time.perf_counter:
         return read_bandwidth(num_bytes, torch.get_num_threads(), reps)
-    buffer = torch.ones(num_bytes // 4)
+    buffer = huge_page_buffer(num_bytes // 4 * 4).view(torch.float32).fill_(1.0) if huge_pages.enabled() \
+        else torch.ones(num_bytes // 4)
     buffer.sum()
     rates = []
     for _ in range(reps):
