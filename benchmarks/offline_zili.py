@@ -13,6 +13,7 @@ import random
 import sys
 import time
 
+import zili  # first, as in a script that starts `from zili import LLM`: zili sets OpenMP's spin before torch loads it
 import torch
 
 from common import emit, offline_figures, offline_parser
@@ -23,7 +24,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="bf16", help="label only; the checkpoint decides")
     args = parser.parse_args(argv)
 
-    import zili
     from zili.llm import LLM
     from zili.sampling_params import SamplingParams
 

@@ -1,5 +1,17 @@
 """zili: run, compress and serve open-weight LLMs on the hardware you have."""
 
+import os as _os
+import sys as _sys
+
+# OpenMP (libgomp, PyTorch's CPU thread pool) keeps its threads spinning for ~300k iterations after
+# every parallel region. Between the small PyTorch ops of a decode step (logits to fp32, argmax) that
+# spin takes a core from zili's own kernel threads (zili/kernels/cpu/pool.h): LLM.generate on a batch
+# of 16 ran ~10% slower with it. A short spin still bridges back-to-back prefill ops, where sleeping
+# threads (OMP_WAIT_POLICY=PASSIVE) cost ~10%. OpenMP reads this once, when torch loads it, so it
+# applies only when zili is imported before torch; the user's own OpenMP settings win.
+if "torch" not in _sys.modules and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & _os.environ.keys():
+    _os.environ["GOMP_SPINCOUNT"] = "30000"
+
 from zili.errors import ZiliError
 from zili.llm import LLM
 from zili.outputs import CompletionOutput, RequestOutput
