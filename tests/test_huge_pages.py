@@ -16,6 +16,8 @@ from torch import nn
 
 from tiny_models import make_checkpoint, random_tokens, zili_logits
 from zili import huge_pages
+from zili.compress.quantize import quantize_model
+from zili.compress.scheme import QuantizeOptions, QuantScheme
 from zili.huge_pages import HUGE_PAGE, PAGE, huge_page_buffer, move_to_huge_pages
 from zili.models.loader import load_model
 
@@ -140,15 +142,35 @@ def checkpoint(tmp_path_factory):
                            tie_word_embeddings=True)
 
 
-def test_loaded_model_computes_the_same_with_and_without_huge_pages(checkpoint, monkeypatch):
+@pytest.fixture(scope="module")
+def int4_checkpoint(checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hp-int4") / "q"
+    quantize_model(checkpoint, out, QuantizeOptions(method="rtn", scheme=QuantScheme(4, 32)), progress=False)
+    return out
+
+
+@pytest.mark.parametrize("which", ["bf16", "int4"])
+def test_loaded_model_computes_the_same_with_and_without_huge_pages(which, checkpoint, int4_checkpoint, monkeypatch):
+    """The checkpoint is read straight into empty huge-page arenas, and what loading makes anew (packed
+    quantized weights) moves after: both must hold exactly what a plain load holds."""
+    folder = checkpoint if which == "bf16" else int4_checkpoint
     monkeypatch.setenv("ZILI_HUGE_PAGES", "0")
-    plain, _ = load_model(checkpoint, device="cpu", dtype=torch.bfloat16)
+    plain, _ = load_model(folder, device="cpu", dtype=torch.bfloat16)
     monkeypatch.delenv("ZILI_HUGE_PAGES")
-    moved, _ = load_model(checkpoint, device="cpu", dtype=torch.bfloat16)
+    moved, _ = load_model(folder, device="cpu", dtype=torch.bfloat16)
     embed = moved.model.embed_tokens.weight
     assert embed.data_ptr() % HUGE_PAGE == 0  # the first tensor in module order opens the arena
-    assert moved.lm_head.weight is embed
-    big = [p for p in moved.parameters() if p.untyped_storage().nbytes() >= PAGE]
-    assert big and all(p.data_ptr() % PAGE == 0 for p in big)
+    assert moved.lm_head.weight is embed  # tied (the int4 checkpoint keeps the head in bf16)
+    big = [t for t in [*moved.parameters(), *moved.buffers()] if t.untyped_storage().nbytes() >= PAGE]
+    assert big and all(t.data_ptr() % PAGE == 0 or t.storage_offset() for t in big)
+    for (name, a), b in zip(moved.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(a, b), name
     tokens = random_tokens(moved.config.vocab_size, 24, seed=5)
     assert torch.equal(zili_logits(moved, tokens), zili_logits(plain, tokens))
+
+
+def test_move_without_copy_leaves_the_values_behind():
+    model = Tied()
+    moved = move_to_huge_pages(model, copy=False)
+    assert moved > 0 and model.embed.weight.untyped_storage().data_ptr() == model.proj.weight.untyped_storage().data_ptr()
+    assert model.head.weight is model.embed.weight

@@ -70,9 +70,11 @@ def _storages(module: nn.Module, min_bytes: int) -> list[list[torch.Tensor]]:
     return list(groups.values())
 
 
-def move_to_huge_pages(module: nn.Module, min_bytes: int = PAGE, arena_bytes: int = ARENA_BYTES) -> int:
+def move_to_huge_pages(module: nn.Module, min_bytes: int = PAGE, arena_bytes: int = ARENA_BYTES,
+                       copy: bool = True) -> int:
     """Copy the CPU parameters and buffers of `module` (storages of >= min_bytes) onto huge-page-advised
-    memory, in place, and return the bytes moved.
+    memory, in place, and return the bytes moved. copy=False moves uninitialized tensors (a model
+    materialized with to_empty, before its weights are read): the new memory is left uninitialized too.
 
     Storages are laid out back to back (4 KiB aligned) in module order, in arenas of about arena_bytes,
     so small tensors (an int4 attention projection is ~0.5 MB) share huge pages instead of each wasting
@@ -93,7 +95,8 @@ def move_to_huge_pages(module: nn.Module, min_bytes: int = PAGE, arena_bytes: in
             for offset, tensors in batch:
                 storage = tensors[0].untyped_storage()
                 target = arena[offset:offset + storage.nbytes()]
-                target.copy_(torch.empty(0, dtype=torch.uint8).set_(storage))
+                if copy:
+                    target.copy_(torch.empty(0, dtype=torch.uint8).set_(storage))
                 base = target.storage_offset()  # bytes, a multiple of 4 KiB
                 for t in tensors:
                     t.set_(arena.untyped_storage(), base // t.element_size() + t.storage_offset(), t.shape, t.stride())

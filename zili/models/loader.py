@@ -3,7 +3,7 @@
 The model is built on the meta device, materialized empty in the compute dtype, then each
 checkpoint tensor is read from the memory-mapped file and copied into its parameter by name.
 At no point does a second full copy of the weights exist. Pickle formats are refused. On the CPU
-the loaded weights then move to huge pages (zili/huge_pages.py), one tensor at a time.
+the weights live on huge pages (zili/huge_pages.py).
 """
 
 from __future__ import annotations
@@ -150,11 +150,14 @@ def load_model(folder: str | Path, device: str | None = None, dtype: str | torch
     config = ModelConfig.from_folder(folder)
     device = device or best_device()
     model = build_model(config, parse_dtype(dtype, device), device)
+    on_cpu = torch.device(device).type == "cpu"
+    if on_cpu:  # decode streams the weights: 2 MiB pages read them much faster
+        move_to_huge_pages(model, copy=False)  # still empty (to_empty): the checkpoint is read straight into them
     quant = config.quantization_config
     if quant:
         from zili.compress.formats import prepare_quantized_model  # imported only for quantized checkpoints
         prepare_quantized_model(model, config, quant)
     load_weights(model, folder, progress=progress)
-    if torch.device(device).type == "cpu":
-        move_to_huge_pages(model)  # decode streams the weights: 2 MiB pages read them much faster
+    if on_cpu:
+        move_to_huge_pages(model)  # what loading made anew (quantized layers pack their weights)
     return model, config
