@@ -106,7 +106,7 @@ def test_switched_off_nothing_moves(how, thp_available, monkeypatch):
     assert [p.data_ptr() for p in model.parameters()] == pointers
 
 
-def test_memory_outlives_the_module_and_buffer():
+def test_memory_outlives_the_module_and_buffer():  # while any tensor is on it
     model = Tied()
     move_to_huge_pages(model)
     weight, expected = model.proj.weight, model.proj.weight.detach().clone()
@@ -169,8 +169,51 @@ def test_loaded_model_computes_the_same_with_and_without_huge_pages(which, check
     assert torch.equal(zili_logits(moved, tokens), zili_logits(plain, tokens))
 
 
-def test_move_without_copy_leaves_the_values_behind():
+def _vm_flags(address: int) -> list[str] | None:
+    """VmFlags of the mapping holding `address` (/proc/self/smaps); None where not readable."""
+    inside = False
+    try:
+        lines = open("/proc/self/smaps").read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            low, high = (int(part, 16) for part in head.split("-"))
+            inside = low <= address < high
+        elif inside and head == "VmFlags:":
+            return line.split()[1:]
+    return None
+
+
+def test_arenas_are_advised_for_huge_pages():
+    """The kernel shows MADV_HUGEPAGE as VmFlags "hg" whether or not it found huge pages to back it."""
     model = Tied()
-    moved = move_to_huge_pages(model, copy=False)
-    assert moved > 0 and model.embed.weight.untyped_storage().data_ptr() == model.proj.weight.untyped_storage().data_ptr()
-    assert model.head.weight is model.embed.weight
+    move_to_huge_pages(model)
+    flags = _vm_flags(model.embed.weight.data_ptr())
+    if flags is None or not huge_pages.THP_MODE.exists():
+        pytest.skip("no /proc/self/smaps or THP on this system")
+    assert "hg" in flags
+    assert "hg" not in (_vm_flags(model.proj.bias.data_ptr()) or [])  # 1 KiB: left on ordinary memory
+
+
+def test_arenas_are_unmapped_with_their_last_tensor():
+    model = Tied()
+    move_to_huge_pages(model)
+    arena = model.embed.weight.untyped_storage().data_ptr()
+    assert arena in huge_pages._ARENAS
+    del model
+    gc.collect()
+    assert arena not in huge_pages._ARENAS  # the numpy array (and with it the mapping) is gone
+
+
+def test_quantize_loads_the_dense_model_on_plain_pages(checkpoint, tmp_path, monkeypatch):
+    """zili quantize drops each dense layer as it quantizes it: on shared arenas nothing would be freed."""
+    import zili.models.loader as loader
+
+    def refuse(module):
+        raise AssertionError("quantize moved the dense model onto huge-page arenas")
+    monkeypatch.setattr(loader, "move_to_huge_pages", refuse)
+    quantize_model(checkpoint, tmp_path / "q", QuantizeOptions(method="rtn", scheme=QuantScheme(8, None)),
+                   progress=False)
+    assert (tmp_path / "q" / "config.json").is_file()

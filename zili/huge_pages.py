@@ -44,7 +44,10 @@ def huge_page_buffer(nbytes: int) -> torch.Tensor:
     """nbytes uninitialized bytes (uint8) starting on a 2 MiB boundary, advised for huge pages."""
     length = -(-nbytes // HUGE_PAGE) * HUGE_PAGE  # whole huge pages: the tail gets one too
     region = mmap.mmap(-1, length + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    region.madvise(mmap.MADV_HUGEPAGE)
+    try:
+        region.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # a kernel without THP (or a sandbox) refuses the advice: plain pages, still aligned
+        pass
     # numpy holds a buffer export of the mapping (it cannot be unmapped under the tensor) and
     # torch.from_numpy holds the array: the mapping lives exactly as long as tensors use it.
     array = np.frombuffer(region, dtype=np.uint8)
@@ -70,16 +73,16 @@ def _storages(module: nn.Module, min_bytes: int) -> list[list[torch.Tensor]]:
     return list(groups.values())
 
 
-def move_to_huge_pages(module: nn.Module, min_bytes: int = PAGE, arena_bytes: int = ARENA_BYTES,
-                       copy: bool = True) -> int:
+def move_to_huge_pages(module: nn.Module, min_bytes: int = PAGE, arena_bytes: int = ARENA_BYTES) -> int:
     """Copy the CPU parameters and buffers of `module` (storages of >= min_bytes) onto huge-page-advised
-    memory, in place, and return the bytes moved. copy=False moves uninitialized tensors (a model
-    materialized with to_empty, before its weights are read): the new memory is left uninitialized too.
+    memory, in place, and return the bytes moved. Untouched memory (a model fresh from to_empty) reads
+    as the kernel's zero page: moving it first and loading after faults no 4 KiB page at all.
 
     Storages are laid out back to back (4 KiB aligned) in module order, in arenas of about arena_bytes,
     so small tensors (an int4 attention projection is ~0.5 MB) share huge pages instead of each wasting
     most of one. The tensor objects stay: tied weights stay tied, views of one storage stay views of one
-    storage. Arena by arena, so memory grows by about one arena while this runs."""
+    storage. Arena by arena, so memory grows by about one arena while this runs. An arena is unmapped
+    with the last tensor on it, so a model whose layers are dropped one by one should not be moved."""
     if not enabled():
         return 0
     pending = _storages(module, min_bytes)
@@ -95,8 +98,7 @@ def move_to_huge_pages(module: nn.Module, min_bytes: int = PAGE, arena_bytes: in
             for offset, tensors in batch:
                 storage = tensors[0].untyped_storage()
                 target = arena[offset:offset + storage.nbytes()]
-                if copy:
-                    target.copy_(torch.empty(0, dtype=torch.uint8).set_(storage))
+                target.copy_(torch.empty(0, dtype=torch.uint8).set_(storage))
                 base = target.storage_offset()  # bytes, a multiple of 4 KiB
                 for t in tensors:
                     t.set_(arena.untyped_storage(), base // t.element_size() + t.storage_offset(), t.shape, t.stride())

@@ -197,7 +197,8 @@ def quantize_model(model_dir: str | Path, output_dir: str | Path, options: Quant
     # store in the checkpoint's own dtype, scales included.
     compute_dtype = parse_dtype(dtype, device) if dtype not in (None, "auto") else torch.float32
     storage_dtype = _checkpoint_dtype(config)
-    model, config = load_model(model_dir, device=device, dtype=compute_dtype, progress=progress)
+    # plain pages: the dense layers are replaced one by one, and each must free its memory as it goes
+    model, config = load_model(model_dir, device=device, dtype=compute_dtype, progress=progress, huge_pages=False)
     if options.quantize_lm_head and config.tie_word_embeddings:  # the embedding stays dense
         model.lm_head.weight = nn.Parameter(model.model.embed_tokens.weight.data.clone(), requires_grad=False)
     scale_dtype = storage_dtype

@@ -144,20 +144,24 @@ def build_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.dev
 
 
 def load_model(folder: str | Path, device: str | None = None, dtype: str | torch.dtype | None = None,
-               progress: bool = False) -> tuple[nn.Module, ModelConfig]:
-    """Load the checkpoint in `folder`; returns (model in eval mode, its config)."""
+               progress: bool = False, huge_pages: bool = True) -> tuple[nn.Module, ModelConfig]:
+    """Load the checkpoint in `folder`; returns (model in eval mode, its config).
+
+    huge_pages (CPU): keep the weights on 2 MiB pages, which a decode step streams much faster. They
+    share arenas that are freed only with the last of their tensors: pass False for a model whose layers
+    will be dropped one by one (zili quantize replaces each with its quantized version)."""
     folder = Path(folder)
     config = ModelConfig.from_folder(folder)
     device = device or best_device()
     model = build_model(config, parse_dtype(dtype, device), device)
-    on_cpu = torch.device(device).type == "cpu"
-    if on_cpu:  # decode streams the weights: 2 MiB pages read them much faster
-        move_to_huge_pages(model, copy=False)  # still empty (to_empty): the checkpoint is read straight into them
     quant = config.quantization_config
     if quant:
         from zili.compress.formats import prepare_quantized_model  # imported only for quantized checkpoints
         prepare_quantized_model(model, config, quant)
+    on_huge_pages = huge_pages and torch.device(device).type == "cpu"
+    if on_huge_pages:  # still untouched after to_empty: the checkpoint is then read straight into huge pages
+        move_to_huge_pages(model)
     load_weights(model, folder, progress=progress)
-    if on_cpu:
+    if on_huge_pages:
         move_to_huge_pages(model)  # what loading made anew (quantized layers pack their weights)
     return model, config
