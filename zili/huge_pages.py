@@ -9,7 +9,9 @@ move_to_huge_pages copies a model's tensors into anonymous mappings aligned to 2
 MADV_HUGEPAGE, so the kernel backs them with huge pages where it has them (THP mode "always" or
 "madvise"; "never" or ZILI_HUGE_PAGES=0 turns this off, and other systems keep plain allocations).
 PyTorch's own switch, THP_MEM_ALLOC_ENABLE, is read once when torch loads: too late for a library.
-A mapping is returned to the system when the last tensor on it is freed.
+A mapping is returned to the system when the last tensor on it is freed. The tensors of an arena
+share one storage: safetensors saves each tensor's own bytes, but torch.save of a single tensor
+writes its whole arena (clone it first).
 """
 
 from __future__ import annotations
