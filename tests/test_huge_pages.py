@@ -170,20 +170,8 @@ def test_loaded_model_computes_the_same_with_and_without_huge_pages(which, check
 
 
 def _vm_flags(address: int) -> list[str] | None:
-    """VmFlags of the mapping holding `address` (/proc/self/smaps); None where not readable."""
-    inside = False
-    try:
-        lines = open("/proc/self/smaps").read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        head = line.split()[0]
-        if "-" in head and not head.endswith(":"):
-            low, high = (int(part, 16) for part in head.split("-"))
-            inside = low <= address < high
-        elif inside and head == "VmFlags:":
-            return line.split()[1:]
-    return None
+    fields = huge_pages.mapping_fields(address)
+    return None if fields is None else fields.get("VmFlags", "").split()
 
 
 def test_arenas_are_advised_for_huge_pages():

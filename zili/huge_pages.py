@@ -108,20 +108,30 @@ def move_to_huge_pages(module: nn.Module, min_bytes: int = PAGE, arena_bytes: in
     return moved
 
 
-def huge_page_bytes(tensor: torch.Tensor) -> int | None:
-    """Bytes of the mapping holding `tensor` that the kernel backs with huge pages now (AnonHugePages
-    of /proc/self/smaps); None where that cannot be read."""
-    address = tensor.data_ptr()
+def mapping_fields(address: int) -> dict[str, str] | None:
+    """The /proc/self/smaps fields (AnonHugePages, VmFlags, ...) of the mapping holding `address`;
+    None where smaps cannot be read or nothing is mapped there."""
     try:
         lines = Path("/proc/self/smaps").read_text().splitlines()
     except OSError:
         return None
-    inside = False
+    fields = None
     for line in lines:
-        head = line.split()[0]
-        if "-" in head and not head.endswith(":"):
+        head, _, rest = line.partition(" ")
+        if "-" in head and not head.endswith(":"):  # a mapping's first line: low-high perms ...
+            if fields is not None:
+                return fields
             low, high = (int(part, 16) for part in head.split("-"))
-            inside = low <= address < high
-        elif inside and head == "AnonHugePages:":
-            return int(line.split()[1]) * 1024
-    return None
+            fields = {} if low <= address < high else None
+        elif fields is not None:
+            fields[head.rstrip(":")] = rest.strip()
+    return fields
+
+
+def huge_page_bytes(tensor: torch.Tensor) -> int | None:
+    """Bytes of the mapping holding `tensor` that the kernel backs with huge pages now (AnonHugePages);
+    None where that cannot be read."""
+    fields = mapping_fields(tensor.data_ptr())
+    if fields is None or "AnonHugePages" not in fields:
+        return None
+    return int(fields["AnonHugePages"].split()[0]) * 1024
