@@ -21,7 +21,6 @@ from torch import nn
 from zili.engine.paged_attention import PagedKVCache
 from zili.kernels import cpu_ext
 from zili.kernels.quant_kernels import VnniKernel
-from zili.layers.activation import ACTIVATION_CODES
 from zili.layers.linear import Linear
 from zili.layers.quantized.linear import QuantLinear
 from zili.models.llama import LlamaForCausalLM
@@ -64,9 +63,7 @@ class FusedDecoder:
         """The fused decoder for this model and cache, or None where it does not apply."""
         if not isinstance(model, LlamaForCausalLM) or cache.dtype != torch.bfloat16 or cache.kv.device.type != "cpu":
             return None
-        config = model.config
-        act = ACTIVATION_CODES.get(config.hidden_act)
-        if act is None or not cpu_ext.available():
+        if not cpu_ext.available():
             return None
         layers, kinds = [], set()
         for index, layer in enumerate(model.model.layers):
@@ -85,7 +82,7 @@ class FusedDecoder:
                 codes += args[1]
                 kinds.add("bf16" if args[1][0] == BF16_BITS else "quant")
             ints = [index, attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.sliding_window or 0,
-                    cache.block_size, act, *codes]
+                    cache.block_size, mlp.act.code, *codes]
             layers.append((tensors, ints, [layer.input_layernorm.eps, attn.scale]))
         return cls(model, cache, layers, min(cpu_ext.MAX_KERNEL_ROWS[kind] for kind in kinds))
 
