@@ -23,18 +23,19 @@ from zili.huge_pages import huge_page_buffer
 from common import emit, median  # benchmarks/ is on sys.path: scripts run as `python benchmarks/x.py`
 
 
-def _rates(buffer: torch.Tensor, reps: int) -> list[float]:
+def _rates(buffer: torch.Tensor, reps: int, clock) -> list[float]:
     buffer.sum()  # warm-up
     rates = []
     for _ in range(reps):
-        start = time.perf_counter()
+        start = clock()
         buffer.sum()
-        rates.append(buffer.numel() * 4 / (time.perf_counter() - start) / 1e9)
+        rates.append(buffer.numel() * 4 / (clock() - start) / 1e9)
     return rates
 
 
-def read_bandwidth(num_bytes: int, threads: int, reps: int) -> dict:
-    """GB/s (1e9 bytes/s) of a threaded streaming read over `num_bytes`, on each page size."""
+def read_bandwidth(num_bytes: int, threads: int, reps: int, clock=time.perf_counter) -> dict:
+    """GB/s (1e9 bytes/s) of a threaded streaming read over `num_bytes`, on each page size, timed by
+    `clock` (wall time; kernels_bench.py --clock cpu passes this thread's CPU time)."""
     torch.set_num_threads(threads)
     numel = num_bytes // 4
     pages = {"4k": torch.ones(numel, dtype=torch.float32)}  # touched: pages are resident
@@ -42,7 +43,7 @@ def read_bandwidth(num_bytes: int, threads: int, reps: int) -> dict:
         pages["2m"] = huge_page_buffer(numel * 4).view(torch.float32).fill_(1.0)
     by_page = {}
     for name, buffer in pages.items():
-        rates = _rates(buffer, reps)
+        rates = _rates(buffer, reps, clock)
         by_page[name] = {"best_gbps": max(rates), "median_gbps": median(rates), "samples_gbps": rates,
                          "huge_page_bytes": huge_pages.huge_page_bytes(buffer)}
     best = max(by_page, key=lambda name: by_page[name]["best_gbps"])

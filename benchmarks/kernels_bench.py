@@ -42,8 +42,7 @@ from bandwidth import read_bandwidth
 from common import MODEL_DIR, QUANT_DIR, REPO_DIR, RESULTS_DIR, emit, log, median, safetensors_bytes_per_token
 
 sys.path.insert(0, str(REPO_DIR))
-from zili import huge_pages  # noqa: E402
-from zili.huge_pages import huge_page_buffer, move_to_huge_pages  # noqa: E402
+from zili.huge_pages import move_to_huge_pages  # noqa: E402
 from zili.kernels import cpu_ext  # noqa: E402
 from zili.kernels.quant_kernels import CpuVnniInt4Kernel, CpuVnniInt8Kernel  # noqa: E402
 from zili.layers.quantized.weight import QuantizedWeight  # noqa: E402
@@ -137,19 +136,8 @@ def seconds_per_call(call, states: list, x: torch.Tensor, reps: int) -> float:
 
 
 def streaming_read(num_bytes: int, reps: int) -> dict:
-    """GB/s of a float32 sum over `num_bytes` timed with CLOCK (bandwidth.read_bandwidth times wall clock)."""
-    if CLOCK is time.perf_counter:
-        return read_bandwidth(num_bytes, torch.get_num_threads(), reps)
-    buffer = huge_page_buffer(num_bytes // 4 * 4).view(torch.float32).fill_(1.0) if huge_pages.enabled() \
-        else torch.ones(num_bytes // 4)
-    buffer.sum()
-    rates = []
-    for _ in range(reps):
-        start = CLOCK()
-        buffer.sum()
-        rates.append(num_bytes / (CLOCK() - start) / 1e9)
-    return {"bytes": num_bytes, "threads": 1, "best_gbps": max(rates), "median_gbps": median(rates),
-            "samples_gbps": rates}
+    """GB/s of a float32 sum over `num_bytes` (bandwidth.read_bandwidth), timed with CLOCK."""
+    return read_bandwidth(num_bytes, torch.get_num_threads(), reps, clock=CLOCK)
 
 
 def layer_table(target_bytes: int, reps: int, names: list[str]) -> list[dict]:
