@@ -25,7 +25,7 @@ inline __m512 load16_as_float(const void* x, bool is_bf16, int64_t i) {
 float dot(const float* a, const float* b, int64_t n) {
   __m512 sum = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 mask = n - i >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __mmask16 mask = tail_mask(n - i);
     sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, a + i), _mm512_maskz_loadu_ps(mask, b + i), sum);
   }
   return _mm512_reduce_add_ps(sum);

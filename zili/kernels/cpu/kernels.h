@@ -41,6 +41,11 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN stays Na
   return static_cast<uint16_t>(u >> 16);
 }
 
+// The lanes of a 16-lane vector that hold the `remaining` values left (all 16 from 16 on).
+inline __mmask16 tail_mask(int64_t remaining) {
+  return remaining >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << remaining) - 1);
+}
+
 // 16 bf16 values as fp32 lanes (exact: bf16 is the high half of an fp32).
 inline __m512 widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
 

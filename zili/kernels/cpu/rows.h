@@ -13,10 +13,6 @@
 
 namespace zili_cpu {
 
-inline __mmask16 tail_mask(int64_t remaining) {
-  return remaining >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << remaining) - 1);
-}
-
 inline float round_bf16(float v) { return bf16_to_float(float_to_bf16(v)); }
 
 // 16 fp32 lanes -> bf16, round to nearest even (vcvtneps2bf16), and back.
