@@ -6,7 +6,8 @@ their code with the fused layers). Each case caches prompts of several lengths i
 blocks through the Python model, copies the cache, then runs decode steps both ways: the hidden
 states and the k / v written into the cache must agree up to bf16 rounding (the two differ only
 in fp32 summation order and where rotary / attention round), every step reading what the
-previous one wrote.
+previous one wrote. The fused step (`FusedDecoder.forward`: embedding, rotary rows, layers, final
+norm and lm_head in one C++ call) must give the logits the Python model's compute_logits gives.
 """
 
 from __future__ import annotations
@@ -75,9 +76,11 @@ def copy_cache(cache: PagedKVCache, kv_cache_dtype: str, config) -> PagedKVCache
 
 
 @torch.inference_mode()
-def compare_decode(model, kv_cache_dtype: str = "auto", seed: int = 0) -> list[tuple[float, float, float]]:
-    """Per decode step: (max |fused - python| of hidden states, max |python hidden|,
-    max |k/v difference| / max |k/v|)."""
+def compare_decode(model, kv_cache_dtype: str = "auto", seed: int = 0,
+                   step: str = "hidden") -> list[tuple[float, float, float]]:
+    """Per decode step: (max |fused - python|, max |python|, max |k/v difference| / max |k/v|) of the final
+    hidden states (step="hidden": FusedDecoder.hidden_states) or of the logits (step="logits":
+    FusedDecoder.forward, the whole step)."""
     config = model.config
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -101,9 +104,15 @@ def compare_decode(model, kv_cache_dtype: str = "auto", seed: int = 0) -> list[t
         positions = torch.tensor(lengths)
         metadata = AttentionMetadata.build([(t, n, 1) for t, n in zip(tables, lengths)], BLOCK_SIZE,
                                            python_cache.pad_block, torch.device("cpu"))
+        block_tables = padded_block_tables(tables, fused_cache.pad_block)
         with pytorch_ops():
             expected = model.model(tokens, positions, PagedAttention(python_cache, metadata))
-        got = fused.forward(tokens, positions, padded_block_tables(tables, fused_cache.pad_block))
+            if step == "logits":
+                expected = model.compute_logits(expected)
+        if step == "logits":
+            got = fused.forward(tokens.tolist(), positions.tolist(), block_tables)
+        else:
+            got = fused.hidden_states(tokens, positions, block_tables)
         # int8 caches: compare the values the codes stand for
         fused_kv, python_kv = (dequantized(c) for c in (fused_cache, python_cache))
         kv_error = ((fused_kv - python_kv).abs().max() / python_kv.abs().max()).item()
@@ -124,8 +133,8 @@ def load_bf16(folder):
 
 def assert_agrees(results, kv_tolerance: float = 0.02) -> None:
     for step, (error, scale, kv_error) in enumerate(results):
-        # a few bf16 ulps of the hidden states' magnitude (one ulp at 1.0 is 0.0078)
-        assert error <= 0.03 * max(scale, 1.0), f"step {step}: hidden states differ by {error} (max {scale})"
+        # a few bf16 ulps of the outputs' magnitude (one ulp at 1.0 is 0.0078)
+        assert error <= 0.03 * max(scale, 1.0), f"step {step}: outputs differ by {error} (max {scale})"
         assert kv_error <= kv_tolerance, f"step {step}: cached k / v differ by {kv_error}"
 
 
@@ -147,6 +156,30 @@ def test_quantized_decode_matches_the_python_model(bits, group_size, folders, cp
 def test_int8_kv_cache_decode_matches_the_python_model(case, folders, cpu_kernels):
     # where bf16 inputs differ by an ulp, the int8 code may round to its neighbour: 1/127 of the vector's max
     assert_agrees(compare_decode(load_bf16(folders[case]), kv_cache_dtype="int8"), kv_tolerance=0.03)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_fused_step_gives_the_python_models_logits(case, folders, cpu_kernels):
+    model = load_bf16(folders[case])
+    assert FusedDecoder.build(model, new_cache(model.config, "auto")).vocab_size == model.config.vocab_size
+    assert_agrees(compare_decode(model, step="logits"))
+
+
+def test_the_fused_step_with_tied_embeddings_quantized_layers_and_an_int8_cache(tmp_path, cpu_kernels):
+    model = load_bf16(make_checkpoint(tmp_path, "Qwen2ForCausalLM", weight_std=0.1, tie_word_embeddings=True))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    quantize_decoder_layers(model, 4, 32)
+    assert_agrees(compare_decode(model, kv_cache_dtype="int8", step="logits"), kv_tolerance=0.04)
+
+
+def test_the_fused_step_leaves_length_dependent_rotary_tables_to_python(tmp_path, cpu_kernels):
+    # dynamic NTK scaling past max_position_embeddings: cos / sin of every position depend on the longest
+    # sequence, so the step takes the Python rotary (and the logits still agree)
+    model = load_bf16(make_checkpoint(tmp_path, weight_std=0.1, max_position_embeddings=16,
+                                      rope_scaling={"type": "dynamic", "factor": 2.0}))
+    rotary = model.model.rotary_emb
+    assert rotary.table(16, torch.device("cpu")) is not None and rotary.table(max(CONTEXTS) + 1, torch.device("cpu")) is None
+    assert_agrees(compare_decode(model, step="logits"))
 
 
 def test_fused_decoder_declines_what_it_cannot_run(folders, cpu_kernels):
@@ -191,3 +224,13 @@ def test_bad_step_inputs_get_clear_errors_and_leave_the_cache_alone(folders, cpu
     assert torch.equal(cache.kv, before) and fused.layers.size() == model.config.num_hidden_layers
     with pytest.raises(RuntimeError, match="malformed arguments"):
         fused.layers.add([None] * 3, [0] * 15, [1e-6, 1.0])
+    vocab = model.config.vocab_size
+    with pytest.raises(RuntimeError, match=f"token id {vocab} out of the embedding's range"):
+        fused.forward([1, vocab], [3, 5], tables)
+    rope = model.model.rotary_emb.table(6, torch.device("cpu"))
+    logits = torch.empty(2, vocab)
+    with pytest.raises(RuntimeError, match="out of the rotary table's range"):
+        fused.layers.step(torch.tensor([1, 2]), torch.tensor([3, rope.shape[0]]), rope, cache.kv, None, tables, logits)
+    with pytest.raises(RuntimeError, match="logits must be"):
+        fused.layers.step(torch.tensor([1, 2]), torch.tensor([3, 5]), rope, cache.kv, None, tables, logits[:1])
+    assert torch.equal(cache.kv, before)

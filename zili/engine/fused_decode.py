@@ -6,7 +6,8 @@ small PyTorch ops (norms, rotary, cache writes, gathers, attention, activation, 
 on a 2-core CPU added ~30% to a bf16 token and more to an int8 / int4 one. `FusedDecoder` runs
 all layers in one C++ call instead (their weights handed over once, at build): the same computation
 (zili/kernels/cpu/decode_layer.cpp says where its roundings sit), the same weight kernels, attention
-straight from the paged cache.
+straight from the paged cache. The call also takes the embedding, the rotary rows, the final norm
+and lm_head, so a step returns to Python once, with its logits.
 
 It applies to bf16 Llama-family models on the CPU whose linear layers are bf16 or use zili's
 VNNI int8 / int4 kernels (without act-order permutation), with a bf16 or int8 KV cache; anything
@@ -57,6 +58,8 @@ class FusedDecoder:
         self.max_batch = max_batch
         """Most sequences per step: up to the rows where the weight kernels beat PyTorch's GEMM
         (cpu_ext.MAX_KERNEL_ROWS); larger batches run the Python model."""
+        self.vocab_size = 0
+        """Logits per row of the fused head (DecodeLayers.set_head); 0 where the head stays in Python."""
 
     @classmethod
     def build(cls, model: nn.Module, cache: PagedKVCache) -> "FusedDecoder | None":
@@ -84,15 +87,40 @@ class FusedDecoder:
             ints = [index, attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.sliding_window or 0,
                     cache.block_size, mlp.act.code, *codes]
             layers.append((tensors, ints, [layer.input_layernorm.eps, attn.scale]))
-        return cls(model, cache, layers, min(cpu_ext.MAX_KERNEL_ROWS[kind] for kind in kinds))
+        fused = cls(model, cache, layers, min(cpu_ext.MAX_KERNEL_ROWS[kind] for kind in kinds))
+        inner = model.model
+        embedding, norm, head = inner.embed_tokens.weight, inner.norm.weight, _linear_args(model.lm_head)
+        if (embedding.dtype == torch.bfloat16 and embedding.is_contiguous() and embedding.device.type == "cpu"
+                and norm.dtype == torch.bfloat16 and head is not None
+                and all(t is None or t.device.type == "cpu" for t in head[0])):
+            fused.layers.set_head([embedding, norm, *head[0]], head[1], [inner.norm.eps])
+            fused.vocab_size = head[0][0].shape[0]
+        return fused
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-        """input_ids, positions (B,); block_tables (B, W) int64 -> final hidden states (B, H). Each new token
-        is the last of its sequence: it attends over positions 0..position (sliding window permitting)."""
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions (B,) int64; block_tables (B, W) int64 -> final hidden states (B, H), after the
+        final norm. Each new token is the last of its sequence: it attends over positions 0..position
+        (sliding window permitting)."""
         inner = self.model.model
-        context_lens = positions + 1
         hidden = inner.embed_tokens(input_ids).contiguous()              # (B, H), updated in place
         cos, sin = inner.rotary_emb.cos_sin(positions, hidden.dtype)      # (B, rotary_dim)
-        self.layers.forward(hidden, cos, sin, self.cache.kv, self.cache.scales, block_tables, context_lens)
+        self.layers.forward(hidden, cos, sin, self.cache.kv, self.cache.scales, block_tables, positions + 1)
         return inner.norm(hidden)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: list[int], positions: list[int], block_tables: torch.Tensor) -> torch.Tensor:
+        """One decode step, as `hidden_states` takes it -> fp32 logits (B, vocab), as model.compute_logits
+        gives them.
+
+        With the head fused (the usual case) the whole step is one C++ call: embedding, rotary rows, layers,
+        final norm, lm_head. Every return to Python costs more than its few ops suggest: the step has just
+        streamed the weights through the caches, so the next op finds its code and data cold (~0.3 ms on
+        the 2-core benchmark machine, ~3% of an int4 token)."""
+        ids, where = torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long)
+        rope = self.model.model.rotary_emb.table(max(positions) + 1, torch.device("cpu")) if self.vocab_size else None
+        if rope is None:  # no fused head, or a rotary table that depends on the sequence length
+            return self.model.compute_logits(self.hidden_states(ids, where, block_tables))
+        logits = torch.empty(len(input_ids), self.vocab_size, dtype=torch.float32)
+        self.layers.step(ids, where, rope, self.cache.kv, self.cache.scales, block_tables, logits)
+        return logits

@@ -7,7 +7,7 @@ asked for). Sampling and bookkeeping live elsewhere.
 
 Batch order: single-token chunks (decodes) first, then multi-token chunks (prefills), so the
 attention backend handles all decodes in one batched call. A batch of decodes only goes through
-`FusedDecoder` (all layers in one C++ call) where the model and cache allow it.
+`FusedDecoder` (the whole step, logits included, in one C++ call) where the model and cache allow it.
 """
 
 from __future__ import annotations
@@ -73,19 +73,21 @@ class ModelRunner:
                 for p in range(max(start, len(recorded) - 1), min(end, seq.num_prompt_tokens - 1)):
                     prompt_rows.append(first_row + p - start)
                     prompt_targets.append((seq.request, p, seq.token_ids[p + 1]))
+        rows = sample_rows + prompt_rows
         if self.fused is not None and len(input_ids) == len(chunks) <= self.fused.max_batch:  # decodes only
-            hidden = self._fused_decode(chunks, input_ids, positions)
+            logits = self._fused_decode(chunks, input_ids, positions)                 # (T, vocab), every row
+            if rows != list(range(len(input_ids))):
+                logits = logits[rows]
         else:
             metadata = AttentionMetadata.build([(c.seq.block_table, c.start, c.num_tokens) for c in chunks],
                                                self.block_size, self.kv_cache.pad_block, self.device)
             hidden = self.model(self._to_device(input_ids), self._to_device(positions),
                                 PagedAttention(self.kv_cache, metadata))               # (T, hidden)
-        logits = self.model.compute_logits(hidden[self._to_device(sample_rows + prompt_rows)])
+            logits = self.model.compute_logits(hidden[self._to_device(rows)])
         num_samples = len(sample_rows)
         return ModelOutput(sample_seqs, logits[:num_samples], prompt_targets,
                            logits[num_samples:] if prompt_rows else None)
 
     def _fused_decode(self, chunks, input_ids: list[int], positions: list[int]) -> torch.Tensor:
         tables = padded_block_tables([c.seq.block_table for c in chunks], self.kv_cache.pad_block)
-        return self.fused.forward(torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
-                                  tables)
+        return self.fused.forward(input_ids, positions, tables)

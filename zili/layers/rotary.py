@@ -120,14 +120,22 @@ class RotaryEmbedding(nn.Module):
         base = self.base * ((factor * seq_len / self.max_position) - (factor - 1)) ** (self.dim / (self.dim - 2))
         return _base_inv_freq(base, self.dim).to(device)
 
+    def table(self, seq_len: int, device: torch.device) -> torch.Tensor | None:
+        """The fp32 (positions, 2 [cos, sin], dim) table that cos_sin indexes for sequences of up to `seq_len`
+        positions (it may hold more rows), or None where those positions' values depend on seq_len."""
+        if self.rope_type == "dynamic" and seq_len > self.max_position:
+            return None
+        return self._table(seq_len, device)
+
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: (T,) int64 -> cos, sin: (T, dim) in `dtype`."""
         seq_len = int(positions.max()) + 1 if positions.numel() else 1
-        if self.rope_type == "dynamic" and seq_len > self.max_position:
+        table = self.table(seq_len, positions.device)
+        if table is None:
             # NTK-aware scaling: the base grows with the longest sequence in this forward pass.
             table = self._build(positions.float(), self._dynamic_inv_freq(seq_len, positions.device))
         else:
-            table = self._table(seq_len, positions.device)[positions]
+            table = table[positions]
         return table[:, 0].to(dtype), table[:, 1].to(dtype)
 
 

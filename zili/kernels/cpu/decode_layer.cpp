@@ -318,6 +318,43 @@ void check_bf16(const at::Tensor* t, const char* what, int64_t size) {
               what, " must be a contiguous bf16 tensor of ", size, " values");
 }
 
+// One linear layer from tensors[first .. first + 3] = weight, scales?, zero_scales?, bias?, checked.
+Linear make_linear(const c10::List<std::optional<at::Tensor>>& tensors, size_t first, int64_t bits, int64_t group_size,
+                   std::vector<at::Tensor>& keep, const char* name) {
+  Linear lin;
+  lin.weight = optional_at(tensors, first, keep);
+  lin.scales = optional_at(tensors, first + 1, keep);
+  lin.zero_scales = optional_at(tensors, first + 2, keep);
+  lin.bias = optional_at(tensors, first + 3, keep);
+  lin.bits = bits;
+  lin.group_size = group_size;
+  TORCH_CHECK(lin.weight != nullptr && lin.weight->is_contiguous() && lin.weight->dim() == 2 &&
+              lin.weight->device().is_cpu(), name, ": weight must be a contiguous 2-D CPU tensor");
+  lin.out_features = lin.weight->size(0);
+  if (lin.bits == 16) {
+    TORCH_CHECK(lin.weight->scalar_type() == at::kBFloat16, name, ": bf16 weight expected");
+  } else {
+    TORCH_CHECK((lin.bits == 8 || lin.bits == 4) && lin.weight->scalar_type() == at::kByte && lin.scales != nullptr &&
+                lin.zero_scales != nullptr && lin.group_size > 0 && lin.group_size % 32 == 0,
+                name, ": quantized weights need uint8 codes, scales, zero_scales and a group size of 32k");
+  }
+  if (lin.bias != nullptr) {
+    TORCH_CHECK(lin.bias->is_contiguous() && lin.bias->numel() == lin.out_features &&
+                (lin.bias->scalar_type() == at::kBFloat16 || lin.bias->scalar_type() == at::kFloat),
+                name, ": bias must be a contiguous fp32 / bf16 (N,) tensor");
+  }
+  return lin;
+}
+
+// The weight of `lin` takes K inputs.
+void check_in_features(const Linear& lin, int64_t K, const char* name) {
+  const int64_t stored = lin.bits == 4 ? quant_layout(K, 4, lin.group_size).padded_k / 2 : K;
+  TORCH_CHECK(lin.weight->size(1) == stored && (lin.bits == 16 || (K % lin.group_size == 0 &&
+              lin.scales->size(1) == K / lin.group_size)), name, ": the weight's input size does not match");
+}
+
+constexpr const char* kLinearNames[4] = {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"};
+
 // One decoder layer's weights and shapes, checked once when the layer is added. Never moves (its
 // pointers point into `keep`, which holds the tensors).
 struct Layer {
@@ -364,41 +401,14 @@ std::unique_ptr<Layer> make_layer(const c10::List<std::optional<at::Tensor>>& te
   if (l.q_norm != nullptr) check_bf16(l.q_norm, "q_norm", D);
   if (l.k_norm != nullptr) check_bf16(l.k_norm, "k_norm", D);
   for (int i = 0; i < 4; ++i) {
-    Linear& lin = l.linears[i];
-    lin.weight = optional_at(tensors, 4 + 4 * i, l.keep);
-    lin.scales = optional_at(tensors, 5 + 4 * i, l.keep);
-    lin.zero_scales = optional_at(tensors, 6 + 4 * i, l.keep);
-    lin.bias = optional_at(tensors, 7 + 4 * i, l.keep);
-    lin.bits = ints[7 + 2 * i];
-    lin.group_size = ints[8 + 2 * i];
-    TORCH_CHECK(lin.weight != nullptr && lin.weight->is_contiguous() && lin.weight->dim() == 2 &&
-                lin.weight->device().is_cpu(), "linear ", i, ": weight must be a contiguous 2-D CPU tensor");
-    lin.out_features = lin.weight->size(0);
-    if (lin.bits == 16) {
-      TORCH_CHECK(lin.weight->scalar_type() == at::kBFloat16, "linear ", i, ": bf16 weight expected");
-    } else {
-      TORCH_CHECK((lin.bits == 8 || lin.bits == 4) && lin.weight->scalar_type() == at::kByte && lin.scales != nullptr &&
-                  lin.zero_scales != nullptr && lin.group_size > 0 && lin.group_size % 32 == 0,
-                  "linear ", i, ": quantized weights need uint8 codes, scales, zero_scales and a group size of 32k");
-    }
-    if (lin.bias != nullptr) {
-      TORCH_CHECK(lin.bias->is_contiguous() && lin.bias->numel() == lin.out_features &&
-                  (lin.bias->scalar_type() == at::kBFloat16 || lin.bias->scalar_type() == at::kFloat),
-                  "linear ", i, ": bias must be a contiguous fp32 / bf16 (N,) tensor");
-    }
+    l.linears[i] = make_linear(tensors, 4 + 4 * i, ints[7 + 2 * i], ints[8 + 2 * i], l.keep, kLinearNames[i]);
   }
   l.intermediate = l.linears[2].out_features / 2;
   TORCH_CHECK(l.linears[0].out_features == (Hq + 2 * Hkv) * D && l.linears[1].out_features == H &&
               l.linears[3].out_features == H && l.linears[2].out_features == 2 * l.intermediate,
               "DecodeLayers.add: linear shapes do not match the attention / hidden sizes");
   const int64_t in_features[4] = {H, Hq * D, H, l.intermediate};
-  for (int i = 0; i < 4; ++i) {
-    const Linear& lin = l.linears[i];
-    const int64_t K = in_features[i];
-    const int64_t stored = lin.bits == 4 ? quant_layout(K, 4, lin.group_size).padded_k / 2 : K;
-    TORCH_CHECK(lin.weight->size(1) == stored && (lin.bits == 16 || (K % lin.group_size == 0 &&
-                lin.scales->size(1) == K / lin.group_size)), "DecodeLayers.add: a linear's input size does not match");
-  }
+  for (int i = 0; i < 4; ++i) check_in_features(l.linears[i], in_features[i], kLinearNames[i]);
   return layer;
 }
 
@@ -437,6 +447,16 @@ void run_layer(const Layer& l, uint16_t* x, int64_t B, const PagedCache& cache, 
 struct DecodeLayers : torch::CustomClassHolder {
   std::vector<std::unique_ptr<Layer>> layers;
 
+  // The model's final norm and lm_head (set_head), which forward_logits applies after the layers, and its
+  // token embedding (bf16 (vocab, H)), which step reads.
+  struct Head {
+    std::vector<at::Tensor> keep;
+    const at::Tensor *norm = nullptr, *embedding = nullptr;
+    float eps = 0.0f;
+    Linear linear;
+  };
+  std::unique_ptr<Head> head;
+
   void add(const c10::List<std::optional<at::Tensor>>& tensors, const std::vector<int64_t>& ints,
            const std::vector<double>& floats) {
     auto layer = make_layer(tensors, ints, floats);
@@ -447,6 +467,29 @@ struct DecodeLayers : torch::CustomClassHolder {
   }
 
   int64_t size() const { return static_cast<int64_t>(layers.size()); }
+
+  // tensors: [embedding, norm, lm_head weight, scales?, zero_scales?, bias?]; ints: [bits (16 = bf16), group_size];
+  // floats: [eps].
+  void set_head(const c10::List<std::optional<at::Tensor>>& tensors, const std::vector<int64_t>& ints,
+                const std::vector<double>& floats) {
+    TORCH_CHECK(tensors.size() == 6 && ints.size() == 2 && floats.size() == 1, "DecodeLayers.set_head: malformed arguments");
+    TORCH_CHECK(!layers.empty(), "DecodeLayers.set_head: add the layers first");
+    const int64_t H = layers[0]->hidden;
+    auto h = std::make_unique<Head>();
+    h->keep.resize(tensors.size());
+    h->embedding = optional_at(tensors, 0, h->keep);
+    TORCH_CHECK(h->embedding != nullptr && h->embedding->scalar_type() == at::kBFloat16 && h->embedding->is_contiguous() &&
+                h->embedding->dim() == 2 && h->embedding->size(1) == H, "the embedding must be a contiguous bf16 (vocab, ", H,
+                ") tensor");
+    h->norm = optional_at(tensors, 1, h->keep);
+    check_bf16(h->norm, "the final norm", H);
+    h->eps = static_cast<float>(floats[0]);
+    h->linear = make_linear(tensors, 2, ints[0], ints[1], h->keep, "lm_head");
+    check_in_features(h->linear, H, "lm_head");
+    head = std::move(h);
+  }
+
+  bool has_head() const { return head != nullptr; }
 
   // hidden (B, H) bf16, the residual stream, updated in place by every layer in turn.
   // cos, sin: (B, rotary_dim) bf16; kv: the paged cache (layers, 2, kv_heads, slots, head_dim); kv_scales:
@@ -495,6 +538,72 @@ struct DecodeLayers : torch::CustomClassHolder {
       run_layer(*layer, x, B, cache, cos, sin, tables, width, lens);
     }
   }
+
+  // forward, then the head: logits (B, vocab) fp32 = float(bf16(lm_head(norm(hidden)))), rounded to bf16 as the
+  // Python model's lm_head output is before compute_logits widens it. One call per decode step: every return
+  // to Python after the weights have streamed through the caches finds its own code and data cold (~0.3 ms on
+  // the benchmark machine for the first op).
+  void forward_logits(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& kv,
+                      const std::optional<at::Tensor>& kv_scales, const at::Tensor& block_tables,
+                      const at::Tensor& context_lens, const at::Tensor& logits) const {
+    TORCH_CHECK(head != nullptr, "DecodeLayers.forward_logits: no head set");
+    const int64_t B = hidden.size(0), H = layers[0]->hidden, V = head->linear.out_features;
+    TORCH_CHECK(logits.scalar_type() == at::kFloat && logits.is_contiguous() && logits.device().is_cpu() &&
+                logits.dim() == 2 && logits.size(0) == B && logits.size(1) == V,
+                "logits must be a contiguous (B, ", V, ") fp32 CPU tensor");
+    forward(hidden, cos, sin, kv, kv_scales, block_tables, context_lens);
+    const auto* x = static_cast<const uint16_t*>(hidden.data_ptr());
+    std::vector<uint16_t> normed(B * H), rounded(B * V);
+    rms_norm(x, H, B, H, static_cast<const uint16_t*>(head->norm->data_ptr()), head->eps, normed.data(), H);
+    run_linear(head->linear, normed.data(), B, H, rounded.data());
+    float* out = logits.data_ptr<float>();
+    parallel_chunks(B * V, 1 << 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; i += 16) {
+        const __mmask16 mask = tail_mask(end - i);
+        _mm512_mask_storeu_ps(out + i, mask, load_bf16(rounded.data() + i, mask));
+      }
+    });
+  }
+
+  // A whole decode step from token ids: input_ids, positions (B,) int64; rope: RotaryEmbedding's fp32 table
+  // (positions, 2 [cos, sin], rotary_dim), rows past every position; the rest as forward_logits. The
+  // embedding rows and the rotary rows rounded to bf16 are what embed_tokens and cos_sin give.
+  void step(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& rope, const at::Tensor& kv,
+            const std::optional<at::Tensor>& kv_scales, const at::Tensor& block_tables, const at::Tensor& logits) const {
+    TORCH_CHECK(head != nullptr, "DecodeLayers.step: no head set");
+    for (const at::Tensor* t : {&input_ids, &positions}) {
+      TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1 && t->is_contiguous() && t->numel() > 0 &&
+                  t->numel() == input_ids.numel(), "input_ids and positions must be contiguous non-empty (B,) int64");
+    }
+    TORCH_CHECK(rope.scalar_type() == at::kFloat && rope.is_contiguous() && rope.dim() == 3 && rope.size(1) == 2,
+                "rope must be a contiguous (positions, 2, rotary_dim) fp32 table");
+    const int64_t B = input_ids.numel(), H = layers[0]->hidden, R = rope.size(2), vocab = head->embedding->size(0);
+    const int64_t* ids = input_ids.data_ptr<int64_t>();
+    const int64_t* pos = positions.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(ids[b] >= 0 && ids[b] < vocab, "token id ", ids[b], " out of the embedding's range");
+      TORCH_CHECK(pos[b] >= 0 && pos[b] < rope.size(0), "position ", pos[b], " out of the rotary table's range");
+    }
+    const auto bf16 = at::TensorOptions().dtype(at::kBFloat16);
+    at::Tensor hidden = at::empty({B, H}, bf16), cos = at::empty({B, R}, bf16), sin = at::empty({B, R}, bf16);
+    at::Tensor context_lens = at::empty({B}, at::TensorOptions().dtype(at::kLong));
+    const auto* embedding = static_cast<const uint16_t*>(head->embedding->data_ptr());
+    const float* table = rope.data_ptr<float>();
+    auto* x = static_cast<uint16_t*>(hidden.data_ptr());
+    auto* c = static_cast<uint16_t*>(cos.data_ptr());
+    auto* s = static_cast<uint16_t*>(sin.data_ptr());
+    int64_t* lens = context_lens.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      std::copy(embedding + ids[b] * H, embedding + (ids[b] + 1) * H, x + b * H);
+      const float* row = table + pos[b] * 2 * R;
+      for (int64_t r = 0; r < R; ++r) {
+        c[b * R + r] = float_to_bf16(row[r]);
+        s[b * R + r] = float_to_bf16(row[R + r]);
+      }
+      lens[b] = pos[b] + 1;
+    }
+    forward_logits(hidden, cos, sin, kv, kv_scales, block_tables, context_lens, logits);
+  }
 };
 
 }  // namespace
@@ -504,7 +613,11 @@ TORCH_LIBRARY_FRAGMENT(zili_cpu, m) {
       .def(torch::init<>())
       .def("add", &DecodeLayers::add)
       .def("size", &DecodeLayers::size)
-      .def("forward", &DecodeLayers::forward);
+      .def("forward", &DecodeLayers::forward)
+      .def("set_head", &DecodeLayers::set_head)
+      .def("has_head", &DecodeLayers::has_head)
+      .def("forward_logits", &DecodeLayers::forward_logits)
+      .def("step", &DecodeLayers::step);
 }
 
 }  // namespace zili_cpu
