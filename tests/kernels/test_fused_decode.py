@@ -110,7 +110,8 @@ def compare_decode(model, kv_cache_dtype: str = "auto", seed: int = 0,
             if step == "logits":
                 expected = model.compute_logits(expected)
         if step == "logits":
-            got = fused.forward(tokens.tolist(), positions.tolist(), block_tables)
+            got, argmax = fused.forward(tokens.tolist(), positions.tolist(), block_tables)
+            assert argmax is None or argmax == got.argmax(dim=-1).tolist()
         else:
             got = fused.hidden_states(tokens, positions, block_tables)
         # int8 caches: compare the values the codes stand for
@@ -180,6 +181,24 @@ def test_the_fused_step_leaves_length_dependent_rotary_tables_to_python(tmp_path
     rotary = model.model.rotary_emb
     assert rotary.table(16, torch.device("cpu")) is not None and rotary.table(max(CONTEXTS) + 1, torch.device("cpu")) is None
     assert_agrees(compare_decode(model, step="logits"))
+
+
+def test_the_fused_steps_argmax_is_torch_argmax_on_ties_and_nan(folders, cpu_kernels):
+    model = load_bf16(folders["llama-gqa"])
+    with torch.no_grad():
+        weight = model.lm_head.weight
+        weight.zero_()
+        row = torch.randn(weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
+        weight[[7, 11]], weight[[13, 17]] = row, -row  # two tied maxima, whichever the sign: the first wins
+    cache = new_cache(model.config, "auto")
+    fused = FusedDecoder.build(model, cache)
+    tables = torch.tensor([[0, 1], [2, 3], [4, 5]])
+    logits, argmax = fused.forward([1, 2, 3], [3, 5, 6], tables)
+    assert argmax == logits.argmax(dim=-1).tolist() and set(argmax) <= {7, 13}
+    with torch.no_grad():
+        weight[[9, 19]] = float("nan")
+    logits, argmax = fused.forward([1, 2, 3], [4, 6, 7], tables)
+    assert argmax == logits.argmax(dim=-1).tolist() == [9, 9, 9]
 
 
 def test_fused_decoder_declines_what_it_cannot_run(folders, cpu_kernels):

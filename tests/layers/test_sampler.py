@@ -133,3 +133,16 @@ def test_logprobs_are_the_raw_log_softmax_with_top_alternatives():
     assert out.logprobs[1] is None
     assert out.logprobs[2].top == {} and out.logprobs[2].logprob == pytest.approx(
         float(reference[2].max()), abs=1e-6)
+
+
+def test_a_given_argmax_serves_greedy_rows_only_where_nothing_changes_the_logits():
+    # the fused decode step hands its argmax over; a stale one here shows where it is (not) used
+    logits = probs_to_logits(PROBS).expand(2, -1).contiguous()
+    stale = [5, 6]
+    greedy = SamplingParams(temperature=0.0)
+    assert Sampler("cpu")(logits, [SamplingRow(greedy, [], [])] * 2, stale).token_ids == stale
+    assert Sampler("cpu")(logits, [SamplingRow(greedy, [], [])] * 2).token_ids == [0, 0]
+    biased = SamplingParams(temperature=0.0, logit_bias={3: 100.0})
+    assert Sampler("cpu")(logits, [SamplingRow(biased, [], [])] * 2, stale).token_ids == [3, 3]
+    mixed = [SamplingRow(greedy, [], []), SamplingRow(SamplingParams(temperature=1.0, top_k=1), [], [])]
+    assert Sampler("cpu")(logits, mixed, stale).token_ids == [0, 0]

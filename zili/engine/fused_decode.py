@@ -109,9 +109,10 @@ class FusedDecoder:
         return inner.norm(hidden)
 
     @torch.inference_mode()
-    def forward(self, input_ids: list[int], positions: list[int], block_tables: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: list[int], positions: list[int],
+                block_tables: torch.Tensor) -> tuple[torch.Tensor, list[int] | None]:
         """One decode step, as `hidden_states` takes it -> fp32 logits (B, vocab), as model.compute_logits
-        gives them.
+        gives them, and each row's argmax where the C++ step computed it (else None).
 
         With the head fused (the usual case) the whole step is one C++ call: embedding, rotary rows, layers,
         final norm, lm_head. Every return to Python costs more than its few ops suggest: the step has just
@@ -120,7 +121,7 @@ class FusedDecoder:
         ids, where = torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long)
         rope = self.model.model.rotary_emb.table(max(positions) + 1, torch.device("cpu")) if self.vocab_size else None
         if rope is None:  # no fused head, or a rotary table that depends on the sequence length
-            return self.model.compute_logits(self.hidden_states(ids, where, block_tables))
+            return self.model.compute_logits(self.hidden_states(ids, where, block_tables)), None
         logits = torch.empty(len(input_ids), self.vocab_size, dtype=torch.float32)
-        self.layers.step(ids, where, rope, self.cache.kv, self.cache.scales, block_tables, logits)
-        return logits
+        argmax = self.layers.step(ids, where, rope, self.cache.kv, self.cache.scales, block_tables, logits)
+        return logits, argmax

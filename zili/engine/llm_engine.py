@@ -160,7 +160,8 @@ class LLMEngine:
                 if self.fault_hook is not None:
                     self.fault_hook(chunk.seq)
             model_output = self.runner.execute(batch)
-            sampled = self.sampler(model_output.sample_logits, [self._sampling_row(s) for s in model_output.sample_seqs])
+            sampled = self.sampler(model_output.sample_logits, [self._sampling_row(s) for s in model_output.sample_seqs],
+                                   model_output.sample_argmax)
         except Exception as error:
             raise EngineStepError(batch.request_ids, error) from error
         self.scheduler.update(batch)

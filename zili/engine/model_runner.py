@@ -33,6 +33,8 @@ class ModelOutput:
     """(request, position p, token at p + 1) for each prompt-logprob row."""
     prompt_logits: torch.Tensor | None = None
     """(len(prompt_rows), vocab) fp32."""
+    sample_argmax: list[int] | None = None
+    """Each sample row's argmax over sample_logits, where the fused decode step computed it."""
 
 
 class ModelRunner:
@@ -74,10 +76,12 @@ class ModelRunner:
                     prompt_rows.append(first_row + p - start)
                     prompt_targets.append((seq.request, p, seq.token_ids[p + 1]))
         rows = sample_rows + prompt_rows
+        argmax = None
         if self.fused is not None and len(input_ids) == len(chunks) <= self.fused.max_batch:  # decodes only
-            logits = self._fused_decode(chunks, input_ids, positions)                 # (T, vocab), every row
+            logits, argmax = self._fused_decode(chunks, input_ids, positions)         # (T, vocab), every row
             if rows != list(range(len(input_ids))):
                 logits = logits[rows]
+                argmax = [argmax[r] for r in rows] if argmax is not None else None
         else:
             metadata = AttentionMetadata.build([(c.seq.block_table, c.start, c.num_tokens) for c in chunks],
                                                self.block_size, self.kv_cache.pad_block, self.device)
@@ -86,8 +90,9 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[self._to_device(rows)])
         num_samples = len(sample_rows)
         return ModelOutput(sample_seqs, logits[:num_samples], prompt_targets,
-                           logits[num_samples:] if prompt_rows else None)
+                           logits[num_samples:] if prompt_rows else None,
+                           argmax[:num_samples] if argmax is not None else None)
 
-    def _fused_decode(self, chunks, input_ids: list[int], positions: list[int]) -> torch.Tensor:
+    def _fused_decode(self, chunks, input_ids: list[int], positions: list[int]) -> tuple[torch.Tensor, list[int] | None]:
         tables = padded_block_tables([c.seq.block_table for c in chunks], self.kv_cache.pad_block)
         return self.fused.forward(input_ids, positions, tables)

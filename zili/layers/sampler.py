@@ -68,19 +68,22 @@ class Sampler:
         self._generators.pop(key, None)
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
-        """logits: (B, vocab) fp32, one row per entry of `rows`."""
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow], argmax: list[int] | None = None) -> SamplerOutput:
+        """logits: (B, vocab) fp32, one row per entry of `rows`; argmax: each row's argmax over `logits`
+        where the caller has it already (the fused decode step), used when nothing changes the logits."""
         num_top = [r.params.logprobs for r in rows]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(k is not None for k in num_top) else None
-        logits = self._process(logits, rows)
+        processed = self._process(logits, rows)
         greedy = [r.params.greedy for r in rows]
-        if all(greedy):
-            tokens = logits.argmax(dim=-1)
+        if all(greedy) and argmax is not None and processed is logits:
+            token_list = list(argmax)
+        elif all(greedy):
+            token_list = processed.argmax(dim=-1).tolist()
         else:
-            tokens = self._sample(logits, rows)
+            tokens = self._sample(processed, rows)
             if any(greedy):
-                tokens = torch.where(torch.tensor(greedy, device=logits.device), logits.argmax(dim=-1), tokens)
-        token_list = tokens.tolist()
+                tokens = torch.where(torch.tensor(greedy, device=logits.device), processed.argmax(dim=-1), tokens)
+            token_list = tokens.tolist()
         logprobs: list[Logprob | None] = [None] * len(rows)
         if raw_logprobs is not None:
             logprobs = gather_logprobs(raw_logprobs, token_list, num_top)

@@ -304,6 +304,29 @@ void attention(uint16_t* qkv, int64_t B, const AttentionShape& shape, const Page
   });
 }
 
+// The index of the first largest of n floats, a NaN counting as larger than any number (torch.argmax):
+// the largest value in one vectorized pass, then the first lane that holds it.
+int64_t argmax(const float* v, int64_t n) {
+  __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = tail_mask(n - i);
+    const __m512 x = _mm512_maskz_loadu_ps(mask, v + i);
+    if (_mm512_mask_cmp_ps_mask(mask, x, x, _CMP_UNORD_Q) != 0) {
+      for (int64_t j = i;; ++j) {
+        if (std::isnan(v[j])) return j;
+      }
+    }
+    top = _mm512_mask_max_ps(top, mask, top, x);
+  }
+  const __m512 best = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = tail_mask(n - i);
+    const __mmask16 hit = _mm512_mask_cmp_ps_mask(mask, _mm512_maskz_loadu_ps(mask, v + i), best, _CMP_EQ_OQ);
+    if (hit != 0) return i + __builtin_ctz(hit);
+  }
+  return 0;
+}
+
 // --- the layers ---------------------------------------------------------------------------------
 
 const at::Tensor* optional_at(const c10::List<std::optional<at::Tensor>>& list, size_t i, std::vector<at::Tensor>& keep) {
@@ -567,9 +590,13 @@ struct DecodeLayers : torch::CustomClassHolder {
 
   // A whole decode step from token ids: input_ids, positions (B,) int64; rope: RotaryEmbedding's fp32 table
   // (positions, 2 [cos, sin], rotary_dim), rows past every position; the rest as forward_logits. The
-  // embedding rows and the rotary rows rounded to bf16 are what embed_tokens and cos_sin give.
-  void step(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& rope, const at::Tensor& kv,
-            const std::optional<at::Tensor>& kv_scales, const at::Tensor& block_tables, const at::Tensor& logits) const {
+  // embedding rows and the rotary rows rounded to bf16 are what embed_tokens and cos_sin give. Returns each
+  // row's argmax over its logits (the first largest, NaN counting as largest, as torch.argmax), the greedy
+  // token: a greedy batch then needs no op on the logits at all (each would start cold, and at 16 rows
+  // torch.argmax is an OpenMP region whose spinning workers then compete with the next step's threads).
+  std::vector<int64_t> step(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& rope,
+                            const at::Tensor& kv, const std::optional<at::Tensor>& kv_scales,
+                            const at::Tensor& block_tables, const at::Tensor& logits) const {
     TORCH_CHECK(head != nullptr, "DecodeLayers.step: no head set");
     for (const at::Tensor* t : {&input_ids, &positions}) {
       TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1 && t->is_contiguous() && t->numel() > 0 &&
@@ -603,6 +630,13 @@ struct DecodeLayers : torch::CustomClassHolder {
       lens[b] = pos[b] + 1;
     }
     forward_logits(hidden, cos, sin, kv, kv_scales, block_tables, context_lens, logits);
+    const int64_t V = logits.size(1);
+    const float* out = logits.data_ptr<float>();
+    std::vector<int64_t> tokens(B);
+    parallel_chunks(B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) tokens[b] = argmax(out + b * V, V);
+    });
+    return tokens;
   }
 };
 
