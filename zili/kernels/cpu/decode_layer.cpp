@@ -255,7 +255,7 @@ void attention(uint16_t* qkv, int64_t B, const AttentionShape& shape, const Page
         uint16_t* qh = base + (h * groups + g) * D;
         if (q_norm != nullptr) rms_norm(qh, D, 1, D, q_norm, eps, qh, D);
         rotate(qh);
-        for (int64_t d = 0; d < D; ++d) q[g * ld + d] = bf16_to_float(qh[d]);
+        for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(&q[g * ld + d], load_bf16(qh + d, tail_mask(D - d)));
       }
       const int64_t start = shape.sliding_window > 0 ? std::max<int64_t>(0, length - shape.sliding_window) : 0;
       const int64_t count = length - start, padded = (count + kRun - 1) / kRun * kRun;
@@ -297,8 +297,10 @@ void attention(uint16_t* qkv, int64_t B, const AttentionShape& shape, const Page
       }
       for (int64_t g = 0; g < groups; ++g) {
         uint16_t* o = out + b * Hq * D + (h * groups + g) * D;
-        const float inverse = 1.0f / sums[g];
-        for (int64_t d = 0; d < D; ++d) o[d] = float_to_bf16(acc[g * ld + d] * inverse);
+        const __m512 inverse = _mm512_set1_ps(1.0f / sums[g]);
+        for (int64_t d = 0; d < D; d += 16) {
+          store_bf16(o + d, _mm512_mul_ps(_mm512_loadu_ps(&acc[g * ld + d]), inverse), tail_mask(D - d));
+        }
       }
     }
   });
