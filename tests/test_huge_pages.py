@@ -205,3 +205,24 @@ def test_quantize_loads_the_dense_model_on_plain_pages(checkpoint, tmp_path, mon
     quantize_model(checkpoint, tmp_path / "q", QuantizeOptions(method="rtn", scheme=QuantScheme(8, None)),
                    progress=False)
     assert (tmp_path / "q" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+@pytest.mark.parametrize("on", [True, False])
+def test_the_kv_cache_sits_on_huge_pages_with_its_pad_block_zero(kv_cache_dtype, on, thp_available, monkeypatch):
+    from zili.engine.paged_attention import PagedKVCache
+
+    if not on:
+        monkeypatch.setenv("ZILI_HUGE_PAGES", "0")
+    cache = PagedKVCache(3, 5, 4, 2, 8, torch.bfloat16, "cpu", kv_cache_dtype)
+    assert cache.kv.shape == (3, 2, 2, 6 * 4, 8) and cache.kv.dtype == (torch.int8 if kv_cache_dtype == "int8" else torch.bfloat16)
+    for tensor in [cache.kv] + ([cache.scales] if cache.scales is not None else []):
+        assert tensor.is_contiguous() and torch.count_nonzero(tensor[:, :, :, cache.pad_slot:]) == 0
+        flags = _vm_flags(tensor.data_ptr())
+        if flags is not None and huge_pages.THP_MODE.exists():
+            assert ("hg" in flags) == on
+    k = torch.randn(2, 2, 8, dtype=torch.bfloat16)
+    cache.write(1, torch.tensor([3, 17]), k, -k)
+    assert torch.count_nonzero(cache.kv[:, :, :, cache.pad_slot:]) == 0
+    if kv_cache_dtype == "auto":
+        assert torch.equal(cache.kv[1, 0, :, 17], k[1]) and torch.equal(cache.kv[1, 1, :, 3], -k[0])
