@@ -29,7 +29,7 @@ PRECISIONS = ("bf16", "int8", "int4")
 GGUF_TYPE = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_0"}  # zili precision -> llama.cpp peer
 # the decode profile's category for the fused C++ decoder layers (profile_decode.py), which report.py
 # counts with the GEMVs as weight readers
-FUSED_LAYERS = "decoder layers (fused C++: GEMVs, attention, norms)"
+FUSED_LAYERS = "fused decode step (C++: layers, attention, norms, lm_head)"
 
 
 def log(message: str) -> None:

@@ -163,7 +163,7 @@ def profile_section(results: dict) -> list[str]:
                   "token (the profiler's own cost inflates the row above)."]
     if gemv_ms and weight_bytes and gbps:
         rate = weight_bytes / (gemv_ms / 1e3) / 1e9
-        readers = "The fused decoder layers (which also attend, norm and activate) and the lm_head GEMV" if fused_ms \
+        readers = "The fused decode step (layers, attention, norms and the lm_head GEMV)" if fused_ms \
             else "The GEMVs"
         lines += [f"{readers} read all weights ({fmt(weight_bytes / 1e6, 0)} MB) in {fmt(gemv_ms, 1)} ms: "
                   f"{fmt(rate, 1)} GB/s, {fmt(100 * rate / gbps, 0, '%')} of the measured read bandwidth; the bound "

@@ -571,6 +571,7 @@ struct DecodeLayers : torch::CustomClassHolder {
   void forward_logits(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& kv,
                       const std::optional<at::Tensor>& kv_scales, const at::Tensor& block_tables,
                       const at::Tensor& context_lens, const at::Tensor& logits) const {
+    RECORD_FUNCTION("zili_cpu::decode_step", std::vector<c10::IValue>());  // the layers nest inside, as decode_layers
     TORCH_CHECK(head != nullptr, "DecodeLayers.forward_logits: no head set");
     const int64_t B = hidden.size(0), H = layers[0]->hidden, V = head->linear.out_features;
     TORCH_CHECK(logits.scalar_type() == at::kFloat && logits.is_contiguous() && logits.device().is_cpu() &&
