@@ -1,4 +1,5 @@
-"""Transparent huge pages for the model weights a decode step streams from memory.
+"""Transparent huge pages for the model weights a decode step streams from memory (and, through
+huge_page_buffer, for the paged KV cache: zili/engine/paged_attention.py).
 
 Batch-1 decode reads every weight once per token, so it runs at the memory read rate, and on 4 KiB
 pages that rate stops well short of what the memory delivers: the hardware prefetchers stop at every
