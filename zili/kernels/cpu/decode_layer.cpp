@@ -472,8 +472,8 @@ void run_layer(const Layer& l, uint16_t* x, int64_t B, const PagedCache& cache, 
 struct DecodeLayers : torch::CustomClassHolder {
   std::vector<std::unique_ptr<Layer>> layers;
 
-  // The model's final norm and lm_head (set_head), which forward_logits applies after the layers, and its
-  // token embedding (bf16 (vocab, H)), which step reads.
+  // The model's final norm and lm_head (set_head), which step applies after the layers, and its token
+  // embedding (bf16 (vocab, H)), which step reads.
   struct Head {
     std::vector<at::Tensor> keep;
     const at::Tensor *norm = nullptr, *embedding = nullptr;
@@ -513,8 +513,6 @@ struct DecodeLayers : torch::CustomClassHolder {
     check_in_features(h->linear, H, "lm_head");
     head = std::move(h);
   }
-
-  bool has_head() const { return head != nullptr; }
 
   // hidden (B, H) bf16, the residual stream, updated in place by every layer in turn.
   // cos, sin: (B, rotary_dim) bf16; kv: the paged cache (layers, 2, kv_heads, slots, head_dim); kv_scales:
@@ -564,15 +562,13 @@ struct DecodeLayers : torch::CustomClassHolder {
     }
   }
 
-  // forward, then the head: logits (B, vocab) fp32 = float(bf16(lm_head(norm(hidden)))), rounded to bf16 as the
-  // Python model's lm_head output is before compute_logits widens it. One call per decode step: every return
-  // to Python after the weights have streamed through the caches finds its own code and data cold (~0.3 ms on
-  // the benchmark machine for the first op).
+  // step's second half, with the head set: forward, then logits (B, vocab) fp32 =
+  // float(bf16(lm_head(norm(hidden)))), rounded to bf16 as the Python model's lm_head output is before
+  // compute_logits widens it.
   void forward_logits(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& kv,
                       const std::optional<at::Tensor>& kv_scales, const at::Tensor& block_tables,
                       const at::Tensor& context_lens, const at::Tensor& logits) const {
     RECORD_FUNCTION("zili_cpu::decode_step", std::vector<c10::IValue>());  // the layers nest inside, as decode_layers
-    TORCH_CHECK(head != nullptr, "DecodeLayers.forward_logits: no head set");
     const int64_t B = hidden.size(0), H = layers[0]->hidden, V = head->linear.out_features;
     TORCH_CHECK(logits.scalar_type() == at::kFloat && logits.is_contiguous() && logits.device().is_cpu() &&
                 logits.dim() == 2 && logits.size(0) == B && logits.size(1) == V,
@@ -592,7 +588,9 @@ struct DecodeLayers : torch::CustomClassHolder {
   }
 
   // A whole decode step from token ids: input_ids, positions (B,) int64; rope: RotaryEmbedding's fp32 table
-  // (positions, 2 [cos, sin], rotary_dim), rows past every position; the rest as forward_logits. The
+  // (positions, 2 [cos, sin], rotary_dim), rows past every position; the rest as forward_logits. One call
+  // per step: every return to Python after the weights have streamed through the caches finds its own code
+  // and data cold (~0.3 ms on the benchmark machine for the first op). The
   // embedding rows and the rotary rows rounded to bf16 are what embed_tokens and cos_sin give. Returns each
   // row's argmax over its logits (the first largest, NaN counting as largest, as torch.argmax), the greedy
   // token: a greedy batch then needs no op on the logits at all (each would start cold, and at 16 rows
@@ -652,8 +650,6 @@ TORCH_LIBRARY_FRAGMENT(zili_cpu, m) {
       .def("size", &DecodeLayers::size)
       .def("forward", &DecodeLayers::forward)
       .def("set_head", &DecodeLayers::set_head)
-      .def("has_head", &DecodeLayers::has_head)
-      .def("forward_logits", &DecodeLayers::forward_logits)
       .def("step", &DecodeLayers::step);
 }
 
