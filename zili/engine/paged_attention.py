@@ -32,6 +32,7 @@ is committed when the first block in it is written.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -66,10 +67,8 @@ class PagedKVCache:
         """Uninitialized except for the pad block, which reads as zero; memory is committed as it is
         written (never zeros(): on the CPU it would commit the whole budget up front)."""
         if device.type == "cpu" and huge_pages.enabled():
-            count = 1
-            for size in shape:
-                count *= size
-            return huge_pages.huge_page_buffer(count * dtype.itemsize).view(dtype).view(shape)  # fresh: all zero
+            buffer = huge_pages.huge_page_buffer(math.prod(shape) * dtype.itemsize)  # a fresh mapping: all zero
+            return buffer.view(dtype).view(shape)
         tensor = torch.empty(shape, dtype=dtype, device=device)
         tensor[:, :, :, self.pad_slot:].zero_()
         return tensor
