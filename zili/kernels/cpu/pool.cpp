@@ -60,13 +60,12 @@ class Pool {
   }
 
   // The caller holds the pool (one job at a time).
-  void run(int64_t n, int64_t chunk, ChunkFn fn, const void* context) {
+  void run(int64_t n, int64_t chunk, int64_t grain, ChunkFn fn, const void* context) {
     const uint64_t retired = generation_.load(std::memory_order_relaxed) + 1;
     generation_.store(retired);
     while (active_.load() != 0) _mm_pause();
     n_ = n;
-    chunk_ = chunk;
-    chunks_ = (n + chunk - 1) / chunk;
+    schedule(n, chunk, grain);
     fn_ = fn;
     context_ = context;
     error_ = nullptr;
@@ -87,12 +86,29 @@ class Pool {
   }
 
  private:
+  // Chunk ends: `chunk` items each while there is plenty left, then smaller ones (down to `grain`)
+  // so that the threads run out of work together, not one a whole chunk after the other.
+  void schedule(int64_t n, int64_t chunk, int64_t grain) {
+    ends_.clear();
+    const int64_t share = int64_t{workers() + 1} * 2;
+    for (int64_t begin = 0; begin < n;) {
+      int64_t size = chunk;
+      if (grain < chunk) {
+        const int64_t tail = ((n - begin) / share + grain - 1) / grain * grain;
+        size = std::min(chunk, std::max(grain, tail));
+      }
+      begin = std::min(n, begin + size);
+      ends_.push_back(begin);
+    }
+    chunks_ = static_cast<int64_t>(ends_.size());
+  }
+
   void execute() {
     for (int64_t i = next_.fetch_add(1, std::memory_order_relaxed); i < chunks_;
          i = next_.fetch_add(1, std::memory_order_relaxed)) {
-      const int64_t begin = i * chunk_;
+      const int64_t begin = i == 0 ? 0 : ends_[i - 1];
       try {
-        fn_(context_, begin, std::min(n_, begin + chunk_));
+        fn_(context_, begin, ends_[i]);
       } catch (...) {
         std::lock_guard<std::mutex> lock(error_mutex_);
         if (!error_) error_ = std::current_exception();
@@ -141,7 +157,8 @@ class Pool {
   std::atomic<uint64_t> generation_{0};  // even: a published job (0: none yet); odd: retiring one
   std::atomic<int> active_{0};           // workers inside the current job
   std::atomic<int64_t> next_{0}, done_{0};
-  int64_t n_ = 0, chunk_ = 1, chunks_ = 0;
+  int64_t n_ = 0, chunks_ = 0;
+  std::vector<int64_t> ends_;
   ChunkFn fn_ = nullptr;
   const void* context_ = nullptr;
   std::exception_ptr error_;
@@ -164,7 +181,7 @@ void forget_pool_in_child() {
 
 }  // namespace
 
-void run_chunks(int64_t n, int64_t chunk, ChunkFn fn, const void* context) {
+void run_chunks(int64_t n, int64_t chunk, int64_t grain, ChunkFn fn, const void* context) {
   if (n <= 0) return;
   chunk = std::max<int64_t>(chunk, 1);
   const int threads = at::get_num_threads();
@@ -190,7 +207,7 @@ void run_chunks(int64_t n, int64_t chunk, ChunkFn fn, const void* context) {
   struct Leave {
     ~Leave() { t_in_pool = false; }
   } leave;
-  g_pool->run(n, chunk, fn, context);
+  g_pool->run(n, chunk, std::max<int64_t>(grain, 1), fn, context);
 }
 
 }  // namespace zili_cpu

@@ -21,14 +21,15 @@ namespace zili_cpu {
 
 using ChunkFn = void (*)(const void* context, int64_t begin, int64_t end);
 
-// fn(context, begin, end) for [0, n) cut into chunks of `chunk` items (the last may be shorter).
-void run_chunks(int64_t n, int64_t chunk, ChunkFn fn, const void* context);
+// fn(context, begin, end) for [0, n) cut into chunks of `chunk` items; the last chunks shrink to
+// multiples of `grain` items (grain >= chunk: all chunks `chunk` items, the last may be shorter).
+void run_chunks(int64_t n, int64_t chunk, int64_t grain, ChunkFn fn, const void* context);
 
 // parallel_chunks(n, chunk, [&](int64_t begin, int64_t end) { ... }): run_chunks for a lambda. An
 // exception thrown by a chunk is rethrown here after the other chunks have finished.
 template <typename F>
-void parallel_chunks(int64_t n, int64_t chunk, const F& f) {
-  run_chunks(n, chunk, [](const void* context, int64_t begin, int64_t end) {
+void parallel_chunks(int64_t n, int64_t chunk, const F& f, int64_t grain = 0) {
+  run_chunks(n, chunk, grain > 0 ? grain : chunk, [](const void* context, int64_t begin, int64_t end) {
     (*static_cast<const F*>(context))(begin, end);
   }, &f);
 }

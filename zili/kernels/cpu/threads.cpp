@@ -21,7 +21,7 @@ void linear_bf16_threads(const uint16_t* x, int64_t M, int64_t K, const uint16_t
   const Bf16Rows rows = prepare_bf16_rows(x, K, M, K);
   parallel_chunks(N, chunk_rows(N, 32), [&](int64_t begin, int64_t end) {
     matmul_bf16(rows, w, bias, out, N, out_type, begin, end);
-  });
+  }, 32);
 }
 
 void linear_quant_threads(const void* x, bool x_is_bf16, int64_t M, int64_t K, const uint8_t* w, int bits,
@@ -47,7 +47,7 @@ void linear_quant_threads(const void* x, bool x_is_bf16, int64_t M, int64_t K, c
   const QuantizedRows rows{codes.data(), padded_k, x_scales, layout.scales_ld, group_terms, G, layout.block};
   parallel_chunks(N, chunk_rows(N, 1), [&](int64_t begin, int64_t end) {
     gemv_quant(rows, M, K, w, bits, scales, zero_scales, group_size, bias, out, N, out_type, begin, end);
-  });
+  }, kGrainRows);
 }
 
 }  // namespace zili_cpu

@@ -9,7 +9,9 @@ namespace zili_cpu {
 
 constexpr int64_t kGrainRows = 32;  // smallest slice of N (weight rows) worth a thread
 // Chunks per thread: enough that the others take over a late or preempted thread's share, few enough
-// that each chunk streams a long run of W (the hardware prefetchers ramp up per run).
+// that each chunk streams a long run of W (the hardware prefetchers ramp up per run). The last chunks
+// of a call are smaller (run_chunks' grain), so that the threads run out of rows together: while one
+// thread finishes a whole chunk alone, the matmul streams at one core's share of the bandwidth.
 constexpr int64_t kChunksPerThread = 4;
 
 // Rows of N per chunk: N / (threads x kChunksPerThread) rounded up to `multiple`, kGrainRows at least.
