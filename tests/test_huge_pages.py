@@ -8,7 +8,9 @@ the layout the move promises (2 MiB aligned arenas, 4 KiB aligned tensors in mod
 
 from __future__ import annotations
 
+import ctypes
 import gc
+import mmap
 
 import pytest
 import torch
@@ -226,3 +228,32 @@ def test_the_kv_cache_sits_on_huge_pages_with_its_pad_block_zero(kv_cache_dtype,
     assert torch.count_nonzero(cache.kv[:, :, :, cache.pad_slot:]) == 0
     if kv_cache_dtype == "auto":
         assert torch.equal(cache.kv[1, 0, :, 17], k[1]) and torch.equal(cache.kv[1, 1, :, 3], -k[0])
+
+
+def _resident(address: int) -> bool:
+    """Whether the page holding `address` is in memory now (mincore)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    start = address - address % mmap.PAGESIZE
+    vec = (ctypes.c_ubyte * 1)()
+    if libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(mmap.PAGESIZE), vec) != 0:
+        raise OSError(ctypes.get_errno(), "mincore")
+    return bool(vec[0] & 1)
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+def test_the_kv_cache_commits_the_first_block_of_every_stretch_up_front(kv_cache_dtype):
+    """Block 0 of each (layer, k|v, head) stretch is in memory before any write (the first request's
+    blocks would otherwise fault in a fresh 2 MiB page per stretch, all at once); the rest is not."""
+    from zili.engine.paged_attention import PagedKVCache
+
+    cache = PagedKVCache(2, 8192, 16, 2, 64, torch.bfloat16, "cpu", kv_cache_dtype)  # 8 or 16 MiB of k / v each
+    for tensor in [cache.kv] + ([cache.scales] if cache.scales is not None else []):
+        stretch_bytes = tensor[0, 0, 0].numel() * tensor.element_size()
+        for layer in range(2):
+            for which in range(2):
+                for head in range(2):
+                    start = tensor[layer, which, head].data_ptr()
+                    assert _resident(start) and _resident(start + 16 * tensor.stride(3) * tensor.element_size() - 1)
+                    if stretch_bytes >= 4 * HUGE_PAGE:  # halfway: past block 0's pages, before the next stretch's
+                        assert not _resident(start + stretch_bytes // 2)
+    assert cache.kv[0, 0, 0].numel() * cache.kv.element_size() >= 4 * HUGE_PAGE
