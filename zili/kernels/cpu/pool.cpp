@@ -64,7 +64,6 @@ class Pool {
     const uint64_t retired = generation_.load(std::memory_order_relaxed) + 1;
     generation_.store(retired);
     while (active_.load() != 0) _mm_pause();
-    n_ = n;
     schedule(n, chunk, grain);
     fn_ = fn;
     context_ = context;
@@ -157,8 +156,8 @@ class Pool {
   std::atomic<uint64_t> generation_{0};  // even: a published job (0: none yet); odd: retiring one
   std::atomic<int> active_{0};           // workers inside the current job
   std::atomic<int64_t> next_{0}, done_{0};
-  int64_t n_ = 0, chunks_ = 0;
-  std::vector<int64_t> ends_;
+  int64_t chunks_ = 0;
+  std::vector<int64_t> ends_;  // chunk i is [ends_[i - 1] (0 for the first), ends_[i])
   ChunkFn fn_ = nullptr;
   const void* context_ = nullptr;
   std::exception_ptr error_;
