@@ -27,7 +27,7 @@ On the CPU the cache lives on transparent huge pages (zili.huge_pages): a decode
 sequences touches thousands of scattered cache pages (every layer, k / v, head and block), and
 on 4 KiB pages their TLB misses took 9-18% of a bf16 step (measured at 64-200 tokens of context).
 A fresh mapping reads as zero, so the pad block needs no write: the memory of each 2 MiB stretch
-is committed when the first block in it is written.
+is committed when the first block in it is written (block 0's at allocation, see `_allocate`).
 """
 
 from __future__ import annotations

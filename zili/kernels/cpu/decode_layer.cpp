@@ -617,8 +617,8 @@ struct DecodeLayers : torch::CustomClassHolder {
   // A whole decode step from token ids: input_ids, positions (B,) int64; rope: RotaryEmbedding's fp32 table
   // (positions, 2 [cos, sin], rotary_dim), rows past every position; the rest as forward_logits. One call
   // per step: every return to Python after the weights have streamed through the caches finds its own code
-  // and data cold (~0.3 ms on the benchmark machine for the first op). The
-  // embedding rows and the rotary rows rounded to bf16 are what embed_tokens and cos_sin give. Returns each
+  // and data cold (~0.3 ms on the benchmark machine for the first op). The embedding rows and the rotary
+  // rows rounded to bf16 are what embed_tokens and cos_sin give. Returns each
   // row's argmax over its logits (the first largest, NaN counting as largest, as torch.argmax), the greedy
   // token: a greedy batch then needs no op on the logits at all (each would start cold, and at 16 rows
   // torch.argmax is an OpenMP region whose spinning workers then compete with the next step's threads).
