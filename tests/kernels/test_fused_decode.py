@@ -8,6 +8,9 @@ states and the k / v written into the cache must agree up to bf16 rounding (the 
 in fp32 summation order and where rotary / attention round), every step reading what the
 previous one wrote. The fused step (`FusedDecoder.forward`: embedding, rotary rows, layers, final
 norm and lm_head in one C++ call) must give the logits the Python model's compute_logits gives.
+Decode attention has two paths, both held to the same oracle: AMX scores (bf16 cache, where the CPU
+has AMX; runs of 16 positions read in place from blocks of 16 or gathered from smaller ones) and the
+vector path (`set_attention_path("vector")`, and every int8 cache).
 """
 
 from __future__ import annotations
@@ -38,7 +41,12 @@ CASES = {
     "qwen3-qk-norm": ("Qwen3ForCausalLM", {}),
     "mistral-window-5": ("MistralForCausalLM", {"sliding_window": 5}),
     "gelu-tanh-one-kv-head": ("LlamaForCausalLM", {"hidden_act": "gelu_pytorch_tanh", "num_key_value_heads": 1}),
+    # 20 query heads per KV head: two AMX tiles of heads; 16 channels: the head is one narrow tile
+    "llama-20-groups-head-dim-16": ("LlamaForCausalLM", {"num_attention_heads": 20, "num_key_value_heads": 1,
+                                                         "head_dim": 16}),
 }
+# Blocks of 16 and contexts past several runs of 16: the AMX path reads the keys in place
+LONG_CONTEXTS = [1, 17, 70, 16, 45]
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +66,16 @@ def pytorch_ops():
         cpu_ext.available = available
 
 
-def new_cache(config, kv_cache_dtype: str) -> PagedKVCache:
-    cache = PagedKVCache(config.num_hidden_layers, 64, BLOCK_SIZE, config.num_key_value_heads, config.head_dim,
+@pytest.fixture(params=["auto", "vector"])
+def attention_path(request, cpu_kernels):
+    """Decode attention on its default path (AMX scores where available) or forced onto the vector path."""
+    previous = torch.ops.zili_cpu.set_attention_path(request.param)
+    yield request.param
+    torch.ops.zili_cpu.set_attention_path(previous)
+
+
+def new_cache(config, kv_cache_dtype: str, block_size: int = BLOCK_SIZE) -> PagedKVCache:
+    cache = PagedKVCache(config.num_hidden_layers, 64, block_size, config.num_key_value_heads, config.head_dim,
                          torch.bfloat16, "cpu", kv_cache_dtype)
     cache.kv.zero_()  # slots never written compare equal
     if cache.scales is not None:
@@ -68,7 +84,7 @@ def new_cache(config, kv_cache_dtype: str) -> PagedKVCache:
 
 
 def copy_cache(cache: PagedKVCache, kv_cache_dtype: str, config) -> PagedKVCache:
-    twin = new_cache(config, kv_cache_dtype)
+    twin = new_cache(config, kv_cache_dtype, cache.block_size)
     twin.kv.copy_(cache.kv)
     if cache.scales is not None:
         twin.scales.copy_(cache.scales)
@@ -76,8 +92,8 @@ def copy_cache(cache: PagedKVCache, kv_cache_dtype: str, config) -> PagedKVCache
 
 
 @torch.inference_mode()
-def compare_decode(model, kv_cache_dtype: str = "auto", seed: int = 0,
-                   step: str = "hidden") -> list[tuple[float, float, float]]:
+def compare_decode(model, kv_cache_dtype: str = "auto", seed: int = 0, step: str = "hidden",
+                   block_size: int = BLOCK_SIZE, contexts: list[int] = CONTEXTS) -> list[tuple[float, float, float]]:
     """Per decode step: (max |fused - python|, max |python|, max |k/v difference| / max |k/v|) of the final
     hidden states (step="hidden": FusedDecoder.hidden_states) or of the logits (step="logits":
     FusedDecoder.forward, the whole step)."""
@@ -86,23 +102,23 @@ def compare_decode(model, kv_cache_dtype: str = "auto", seed: int = 0,
     gen = torch.Generator().manual_seed(seed)
     free = list(range(64))
     rng.shuffle(free)  # scattered block tables
-    tables = [[free.pop() for _ in range(-(-(n + DECODE_STEPS) // BLOCK_SIZE))] for n in CONTEXTS]
-    python_cache = new_cache(config, kv_cache_dtype)
-    prompts = [torch.randint(0, config.vocab_size, (n,), generator=gen) for n in CONTEXTS]
-    metadata = AttentionMetadata.build([(t, 0, n) for t, n in zip(tables, CONTEXTS)], BLOCK_SIZE,
+    tables = [[free.pop() for _ in range(-(-(n + DECODE_STEPS) // block_size))] for n in contexts]
+    python_cache = new_cache(config, kv_cache_dtype, block_size)
+    prompts = [torch.randint(0, config.vocab_size, (n,), generator=gen) for n in contexts]
+    metadata = AttentionMetadata.build([(t, 0, n) for t, n in zip(tables, contexts)], block_size,
                                        python_cache.pad_block, torch.device("cpu"))
-    positions = torch.cat([torch.arange(n) for n in CONTEXTS])
+    positions = torch.cat([torch.arange(n) for n in contexts])
     with pytorch_ops():
         model(torch.cat(prompts), positions, PagedAttention(python_cache, metadata))
     fused_cache = copy_cache(python_cache, kv_cache_dtype, config)
     fused = FusedDecoder.build(model, fused_cache)
     assert fused is not None, "the fused decoder does not take this model"
     results = []
-    lengths = list(CONTEXTS)
+    lengths = list(contexts)
     for _ in range(DECODE_STEPS):
-        tokens = torch.randint(0, config.vocab_size, (len(CONTEXTS),), generator=gen)
+        tokens = torch.randint(0, config.vocab_size, (len(contexts),), generator=gen)
         positions = torch.tensor(lengths)
-        metadata = AttentionMetadata.build([(t, n, 1) for t, n in zip(tables, lengths)], BLOCK_SIZE,
+        metadata = AttentionMetadata.build([(t, n, 1) for t, n in zip(tables, lengths)], block_size,
                                            python_cache.pad_block, torch.device("cpu"))
         block_tables = padded_block_tables(tables, fused_cache.pad_block)
         with pytorch_ops():
@@ -140,8 +156,26 @@ def assert_agrees(results, kv_tolerance: float = 0.02) -> None:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bf16_decode_matches_the_python_model(case, folders, cpu_kernels):
+def test_bf16_decode_matches_the_python_model(case, folders, attention_path):
     assert_agrees(compare_decode(load_bf16(folders[case])))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_decode_over_blocks_of_16_matches_the_python_model(case, folders, attention_path):
+    assert_agrees(compare_decode(load_bf16(folders[case]), block_size=16, contexts=LONG_CONTEXTS))
+
+
+def test_decode_attention_takes_amx_where_the_cpu_has_it(cpu_kernels):
+    ops = torch.ops.zili_cpu
+    assert ops.attention_path(True, 64) == "vector"  # int8 caches: always the vector path
+    assert ops.attention_path(False, 64) == ("amx" if cpu_kernels.has_amx() else "vector")
+    previous = ops.set_attention_path("vector")
+    try:
+        assert ops.attention_path(False, 64) == "vector"
+        with pytest.raises(RuntimeError, match="auto or vector"):
+            ops.set_attention_path("fast")
+    finally:
+        ops.set_attention_path(previous)
 
 
 @pytest.mark.parametrize("bits,group_size", [(8, 64), (4, 64), (4, 32)])

@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).resolve().parent / "cpu"
 SOURCES = ("ops.cpp", "gemv_bf16.cpp", "gemm_amx_bf16.cpp", "gemv_quant.cpp", "dequantize.cpp", "threads.cpp",
-           "pool.cpp", "decode_layer.cpp", "row_ops.cpp")
+           "pool.cpp", "decode_layer.cpp", "row_ops.cpp", "attention_amx.cpp")
 # compiler flag -> the /proc/cpuinfo flag that says the CPU runs it
 ISA_FLAGS = {
     "-mavx512f": "avx512f",

@@ -20,10 +20,12 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <memory>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "kernels.h"
@@ -213,6 +215,115 @@ constexpr AccumulateValues kAccumulateByWidth[4] = {accumulate_values<G, 1>, acc
 constexpr const AccumulateValues* kAccumulate[4] = {kAccumulateByWidth<1>, kAccumulateByWidth<2>,
                                                     kAccumulateByWidth<3>, kAccumulateByWidth<4>};
 
+// acc (G rows of ld floats, columns [d, d + 16 NV)) += sum over j < n of p[j * p_ld + g] * values[j] (bf16 rows
+// of D channels, read where they lie), with the G x NV accumulators in registers.
+template <int G, int NV>
+void accumulate_rows(float* acc, int64_t ld, int64_t d, const float* p, int64_t p_ld, const uint16_t* const* values,
+                     int64_t n, int64_t D) {
+  __m512 a[G][NV];
+  __mmask16 masks[NV];
+  for (int c = 0; c < NV; ++c) masks[c] = tail_mask(D - d - 16 * c);
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < NV; ++c) a[g][c] = _mm512_loadu_ps(acc + g * ld + d + 16 * c);
+  for (int64_t j = 0; j < n; ++j) {
+    __m512 v[NV];
+    for (int c = 0; c < NV; ++c) v[c] = load_bf16(values[j] + d + 16 * c, masks[c]);
+    for (int g = 0; g < G; ++g) {
+      const __m512 pg = _mm512_set1_ps(p[j * p_ld + g]);
+      for (int c = 0; c < NV; ++c) a[g][c] = _mm512_fmadd_ps(pg, v[c], a[g][c]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(acc + g * ld + d + 16 * c, a[g][c]);
+}
+
+using AccumulateRows = void (*)(float*, int64_t, int64_t, const float*, int64_t, const uint16_t* const*, int64_t,
+                                int64_t);
+
+template <int G>
+constexpr AccumulateRows kAccumulateRowsByWidth[4] = {accumulate_rows<G, 1>, accumulate_rows<G, 2>,
+                                                      accumulate_rows<G, 3>, accumulate_rows<G, 4>};
+constexpr const AccumulateRows* kAccumulateRows[4] = {kAccumulateRowsByWidth<1>, kAccumulateRowsByWidth<2>,
+                                                      kAccumulateRowsByWidth<3>, kAccumulateRowsByWidth<4>};
+
+// Which attention decode steps run: 0 = the AMX scores where they apply (bf16 cache, AMX usable), 1 = the
+// vector path always (for tests and benchmarks: set_attention_path).
+std::atomic<int> g_attention_mode{0};
+
+// Whether decode attention takes the AMX scores for this cache (int8 or bf16) and head size.
+bool amx_attention(bool int8_cache, int64_t head_dim) {
+  return !int8_cache && head_dim % 2 == 0 && g_attention_mode.load(std::memory_order_relaxed) == 0 && amx_usable();
+}
+
+// One (sequence, KV head)'s attention with the scores on AMX (attention_amx.cpp): the `groups` rotated query
+// heads q (rows of D bf16) over positions [start, length) of the sequence whose block table is `table`, bf16
+// cache. Fills acc (groups rows of ld floats: the softmax numerators times the values) and sums (the
+// numerators' sums), as the vector path does. The scores come in runs of 16 positions aligned to multiples
+// of 16, which lie in one cache block when the block size is a multiple of 16 and are then read in place;
+// otherwise their keys are gathered first. The values are read in place, in position order as the vector
+// path adds them.
+void attend_amx(const uint16_t* q, int64_t groups, int64_t D, int64_t ld, const PagedCache& cache, int64_t h,
+                const int64_t* table, int64_t start, int64_t length, float scale, float* acc, float* sums) {
+  thread_local std::vector<const uint16_t*> keys, values;
+  thread_local std::vector<uint16_t> gathered;
+  thread_local std::vector<float> scores;
+  const int64_t bs = cache.block_size, count = length - start, first = start / 16 * 16;
+  const int64_t runs = (length - first + 15) / 16, scores_ld = (groups + 15) / 16 * 16;
+  values.resize(count);
+  for (int64_t i = 0, block = start / bs, offset = start % bs; i < count; ++i) {
+    values[i] = cache.bf16_vector(1, h, table[block] * bs + offset);
+    if (++offset == bs) {
+      offset = 0;
+      ++block;
+    }
+  }
+  keys.resize(runs);
+  if (bs % 16 == 0) {
+    for (int64_t r = 0; r < runs; ++r) {
+      const int64_t p = first + 16 * r;
+      keys[r] = cache.bf16_vector(0, h, table[p / bs] * bs + p % bs);
+    }
+  } else {
+    gathered.assign(runs * 16 * D, 0);
+    for (int64_t i = 0; i < count; ++i) {  // the key beside each value: same slot, k half of the cache
+      const int64_t row = start + i - first;
+      const uint16_t* key = values[i] - (cache.vector_index(1, h, 0) - cache.vector_index(0, h, 0)) * D;
+      std::copy(key, key + D, gathered.data() + row * D);
+    }
+    for (int64_t r = 0; r < runs; ++r) keys[r] = gathered.data() + r * 16 * D;
+  }
+  scores.resize(runs * 16 * scores_ld);
+  amx_attention_scores(q, D, groups, D, keys.data(), D, runs, scores.data(), scores_ld);
+  // softmax numerators over the context's rows, 16 heads a vector
+  float* s = scores.data() + (start - first) * scores_ld;
+  const __m512 scale_v = _mm512_set1_ps(scale);
+  for (int64_t h0 = 0; h0 < groups; h0 += 16) {
+    __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t i = 0; i < count; ++i) {
+      const __m512 scaled = _mm512_mul_ps(_mm512_loadu_ps(s + i * scores_ld + h0), scale_v);
+      _mm512_storeu_ps(s + i * scores_ld + h0, scaled);
+      top = _mm512_max_ps(top, scaled);
+    }
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t i = 0; i < count; ++i) {
+      const __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + i * scores_ld + h0), top));
+      _mm512_storeu_ps(s + i * scores_ld + h0, p);
+      sum = _mm512_add_ps(sum, p);
+    }
+    alignas(64) float lanes[16];
+    _mm512_store_ps(lanes, sum);
+    for (int64_t g = h0; g < std::min<int64_t>(groups, h0 + 16); ++g) sums[g] = lanes[g - h0];
+  }
+  std::fill(acc, acc + groups * ld, 0.0f);
+  for (int64_t g = 0; g < groups; g += 4) {
+    const int64_t G = std::min<int64_t>(4, groups - g);
+    for (int64_t d = 0; d < ld; d += 64) {
+      const int64_t width = std::min<int64_t>(4, (ld - d) / 16);
+      kAccumulateRows[G - 1][width - 1](acc + g * ld, ld, d, s + g, scores_ld, values.data(), count, D);
+    }
+  }
+}
+
 struct AttentionShape {
   int64_t q_heads, kv_heads, head_dim, rotary_dim, sliding_window;  // sliding_window 0: none
   float scale;
@@ -231,12 +342,22 @@ void attention(uint16_t* qkv, int64_t B, const AttentionShape& shape, const Page
   const auto* sin_data = static_cast<const uint16_t*>(sin.data_ptr());
   const int64_t cos_ld = cos.stride(0), sin_ld = sin.stride(0);
   const int64_t ld = (D + 15) / 16 * 16;  // fp32 rows of q, widened k / v and acc, padded with 0
+  const bool amx = amx_attention(cache.scales != nullptr, D);
   parallel_chunks(B * Hkv, 1, [&](int64_t begin, int64_t end) {
     thread_local std::vector<float> q, acc, scores, run, sums;
     q.assign(groups * ld, 0.0f);
     acc.resize(groups * ld);
     run.resize(kRun * ld);
     sums.resize(groups);
+    auto write_output = [&](int64_t b, int64_t h) {  // out = acc / sums, rounded to bf16
+      for (int64_t g = 0; g < groups; ++g) {
+        uint16_t* o = out + b * Hq * D + (h * groups + g) * D;
+        const __m512 inverse = _mm512_set1_ps(1.0f / sums[g]);
+        for (int64_t d = 0; d < D; d += 16) {
+          store_bf16(o + d, _mm512_mul_ps(_mm512_loadu_ps(&acc[g * ld + d]), inverse), tail_mask(D - d));
+        }
+      }
+    };
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, h = task % Hkv;
       uint16_t* base = qkv + b * row;
@@ -259,6 +380,12 @@ void attention(uint16_t* qkv, int64_t B, const AttentionShape& shape, const Page
         for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(&q[g * ld + d], load_bf16(qh + d, tail_mask(D - d)));
       }
       const int64_t start = shape.sliding_window > 0 ? std::max<int64_t>(0, length - shape.sliding_window) : 0;
+      if (amx) {
+        attend_amx(base + h * groups * D, groups, D, ld, cache, h, table, start, length, shape.scale, acc.data(),
+                   sums.data());
+        write_output(b, h);
+        continue;
+      }
       const int64_t count = length - start, padded = (count + kRun - 1) / kRun * kRun;
       // scores (groups rows of `padded`), kRun positions at a time: each key is widened once for all groups
       scores.resize(groups * padded);
@@ -296,13 +423,7 @@ void attention(uint16_t* qkv, int64_t B, const AttentionShape& shape, const Page
           }
         }
       }
-      for (int64_t g = 0; g < groups; ++g) {
-        uint16_t* o = out + b * Hq * D + (h * groups + g) * D;
-        const __m512 inverse = _mm512_set1_ps(1.0f / sums[g]);
-        for (int64_t d = 0; d < D; d += 16) {
-          store_bf16(o + d, _mm512_mul_ps(_mm512_loadu_ps(&acc[g * ld + d]), inverse), tail_mask(D - d));
-        }
-      }
+      write_output(b, h);
     }
   });
 }
@@ -670,7 +791,25 @@ struct DecodeLayers : torch::CustomClassHolder {
 
 }  // namespace
 
+// "auto" (the AMX scores where they apply) or "vector" (the vector path always); returns the previous setting.
+std::string set_attention_path(const std::string& path) {
+  static const char* names[] = {"auto", "vector"};
+  int mode = -1;
+  for (int i = 0; i < 2; ++i) {
+    if (path == names[i]) mode = i;
+  }
+  TORCH_CHECK(mode >= 0, "attention path must be auto or vector, not ", path);
+  return names[g_attention_mode.exchange(mode)];
+}
+
+// The path decode attention takes ("amx" or "vector") for this cache and head size, under the current setting.
+std::string attention_path(bool int8_cache, int64_t head_dim) {
+  return amx_attention(int8_cache, head_dim) ? "amx" : "vector";
+}
+
 TORCH_LIBRARY_FRAGMENT(zili_cpu, m) {
+  m.def("set_attention_path(str path) -> str", &set_attention_path);
+  m.def("attention_path(bool int8_cache, int head_dim) -> str", &attention_path);
   m.class_<DecodeLayers>("DecodeLayers")
       .def(torch::init<>())
       .def("add", &DecodeLayers::add)

@@ -276,6 +276,8 @@ std::string set_bf16_matmul_path(const std::string& path) {
 
 }  // namespace
 
+bool amx_usable() { return amx_available(); }
+
 Bf16Rows prepare_bf16_rows(const uint16_t* x, int64_t ldx, int64_t M, int64_t K) {
   Bf16Rows rows{x, ldx, M, K, nullptr};
   if (K > 0 && use_amx(M, K)) {

@@ -95,6 +95,18 @@ Bf16Rows prepare_bf16_rows(const uint16_t* x, int64_t ldx, int64_t M, int64_t K)
 void matmul_bf16(const Bf16Rows& rows, const uint16_t* w, Bias bias, void* out, int64_t ldo, OutType out_type,
                  int64_t n_begin, int64_t n_end);
 
+// True where the AMX kernels may run: the CPU has AMX-BF16, the OS granted this process the tile state,
+// and ZILI_CPU_AMX was not 0 at first use (gemm_amx_bf16.cpp).
+bool amx_usable();
+
+// Decode attention scores (attention_amx.cpp), on AMX (amx_usable()): for `runs` runs of 16 cached
+// positions, scores[(16 r + i) * scores_ld + g] = q[g] . keys[r][i] (fp32; no scale) for the `heads`
+// query heads q (rows of D bf16, q_ld apart) and the 16 key rows of run r (D bf16, key_ld apart, read
+// whatever they hold: a row past the context only fills its own row of scores). D even; scores_ld:
+// heads rounded up to 16.
+void amx_attention_scores(const uint16_t* q, int64_t q_ld, int64_t heads, int64_t D, const uint16_t* const* keys,
+                          int64_t key_ld, int64_t runs, float* scores, int64_t scores_ld);
+
 // Activations quantized to signed int8 per block of `block` (32, 64 or 128) inputs, as the int kernels read them.
 struct QuantizedRows {
   const int8_t* codes;       // (M, K_padded) x / scale rounded, zero past K
