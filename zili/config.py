@@ -233,10 +233,18 @@ class SchedulerConfig:
     max_model_len: int | None = None
     """Longest sequence (prompt + output) in tokens; None: the model's max_position_embeddings,
     lowered to what the KV cache can hold."""
+    num_scheduler_steps: int = 1
+    """Decode steps per engine step for batches of plain greedy decodes (vLLM's multi-step
+    scheduling): the fused C++ step feeds each row's argmax back as its next input, so Python runs
+    once per `num_scheduler_steps` tokens. Streams then receive tokens in groups, and requests that
+    arrive meanwhile wait up to that many steps to start. 1: every step returns to the engine."""
 
     def __post_init__(self):
         _require(isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1,
                  f"max_num_seqs must be a positive integer, got {self.max_num_seqs!r}")
+        _require(isinstance(self.num_scheduler_steps, int) and not isinstance(self.num_scheduler_steps, bool)
+                 and 1 <= self.num_scheduler_steps <= 64,
+                 f"num_scheduler_steps must be an integer in [1, 64], got {self.num_scheduler_steps!r}")
         for name in ("max_num_batched_tokens", "max_model_len"):
             value = getattr(self, name)
             _require(value is None or (isinstance(value, int) and value >= 1),

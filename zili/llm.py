@@ -30,7 +30,8 @@ class LLM:
 
     Engine options (see zili.config CacheConfig / SchedulerConfig): block_size, kv_cache_memory
     (bytes or "4GiB"), kv_cache_memory_fraction, num_blocks, max_num_seqs, max_num_batched_tokens,
-    enable_prefix_caching, enable_chunked_prefill, kv_cache_dtype ("auto" or "int8").
+    enable_prefix_caching, enable_chunked_prefill, kv_cache_dtype ("auto" or "int8"), num_scheduler_steps
+    (greedy decode steps per engine step, 1 by default).
     """
 
     def __init__(self, model: str | Path | None = None, device: str | None = None,

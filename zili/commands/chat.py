@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from zili.commands.common import add_model_arguments, add_sampling_arguments, load_llm, sampling_overrides
+from zili.commands.common import add_engine_arguments, add_model_arguments, add_sampling_arguments, load_llm, sampling_overrides
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
+    add_engine_arguments(parser)
     add_sampling_arguments(parser)
     parser.add_argument("--system", default=None, help="system prompt")
     parser.set_defaults(run=run, max_tokens=512)

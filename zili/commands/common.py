@@ -19,6 +19,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, optional_model: bool = 
                              "tokens per byte of bf16)")
 
 
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-scheduler-steps", type=int, default=1,
+                        help="greedy decode steps per engine step (tokens then arrive in groups; default 1)")
+
+
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most")
     parser.add_argument("--temperature", type=float, default=None, help="0 for greedy (default: model's)")
@@ -39,4 +44,5 @@ def sampling_overrides(args: argparse.Namespace) -> dict:
 def load_llm(args: argparse.Namespace):
     from zili.llm import LLM
 
-    return LLM(args.model, device=args.device, dtype=args.dtype, progress=True, kv_cache_dtype=args.kv_cache_dtype)
+    return LLM(args.model, device=args.device, dtype=args.dtype, progress=True, kv_cache_dtype=args.kv_cache_dtype,
+               num_scheduler_steps=args.num_scheduler_steps)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from zili.commands.common import add_model_arguments, add_sampling_arguments, load_llm, sampling_overrides
+from zili.commands.common import add_engine_arguments, add_model_arguments, add_sampling_arguments, load_llm, sampling_overrides
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
+    add_engine_arguments(parser)
     parser.add_argument("prompt", nargs="?", default=None, help="prompt text (default: read stdin)")
     add_sampling_arguments(parser)
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from zili.commands.common import add_model_arguments
+from zili.commands.common import add_engine_arguments, add_model_arguments
 from zili.errors import ZiliError
 
 
@@ -16,6 +16,7 @@ def _size(text: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
+    add_engine_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
     parser.add_argument("--api-key", default=os.environ.get("ZILI_API_KEY"),
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         model=model, host=args.host, port=args.port, api_key=args.api_key,
         served_model_names=args.served_model_names, max_num_seqs=args.max_num_seqs, max_queue=args.max_queue,
         queue_timeout_s=args.queue_timeout, kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
-        max_model_len=args.max_model_len,
+        max_model_len=args.max_model_len, num_scheduler_steps=args.num_scheduler_steps,
         max_body_bytes=args.max_body_bytes, allowed_origins=args.allowed_origins, allowed_hosts=args.allowed_hosts,
         drain_timeout_s=args.drain_timeout, in_process=args.in_process, access_log=args.access_log,
         device=args.device, dtype=None if args.dtype == "auto" else args.dtype,

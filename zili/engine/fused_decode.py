@@ -125,3 +125,19 @@ class FusedDecoder:
         logits = torch.empty(len(input_ids), self.vocab_size, dtype=torch.float32)
         argmax = self.layers.step(ids, where, rope, self.cache.kv, self.cache.scales, block_tables, logits)
         return logits, argmax
+
+    @torch.inference_mode()
+    def greedy_steps(self, input_ids: list[int], positions: list[int], block_tables: torch.Tensor,
+                     count: int) -> list[list[int]] | None:
+        """`count` greedy decode steps in one C++ call, each row's argmax its next input at the next position
+        (block_tables must already hold those positions) -> each row's `count` new tokens; None where the
+        whole step is not fused (then `forward` is the way, one step at a time)."""
+        rope = (self.model.model.rotary_emb.table(max(positions) + count, torch.device("cpu"))
+                if self.vocab_size else None)
+        if rope is None:
+            return None
+        ids, where = torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long)
+        logits = torch.empty(len(input_ids), self.vocab_size, dtype=torch.float32)
+        flat = self.layers.steps(ids, where, rope, self.cache.kv, self.cache.scales, block_tables, logits, count)
+        rows = len(input_ids)
+        return [flat[b::rows] for b in range(rows)]

@@ -23,7 +23,7 @@ from zili.engine.metrics import EngineMetrics
 from zili.engine.model_runner import ModelOutput, ModelRunner
 from zili.engine.output_processor import OutputProcessor
 from zili.engine.planning import plan_engine
-from zili.engine.scheduler import Scheduler
+from zili.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from zili.engine.sequence import Request, Sequence
 from zili.errors import InvalidRequestError, ZiliError
 from zili.layers.sampler import Sampler, SamplerOutput, SamplingRow
@@ -155,19 +155,82 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.chunks:
             return []
+        count = self._greedy_steps(batch)
         try:
             for chunk in batch.chunks:
                 if self.fault_hook is not None:
                     self.fault_hook(chunk.seq)
-            model_output = self.runner.execute(batch)
-            sampled = self.sampler(model_output.sample_logits, [self._sampling_row(s) for s in model_output.sample_seqs],
-                                   model_output.sample_argmax)
+            tokens = self.runner.execute_greedy_steps(batch, count) if count > 1 else None
+            if tokens is None:
+                model_output = self.runner.execute(batch)
+                sampled = self.sampler(model_output.sample_logits,
+                                       [self._sampling_row(s) for s in model_output.sample_seqs],
+                                       model_output.sample_argmax)
         except Exception as error:
             raise EngineStepError(batch.request_ids, error) from error
+        if tokens is not None:
+            return self._process_steps(batch, tokens)
         self.scheduler.update(batch)
         self._record_prompt_logprobs(model_output)
         self._counters["generation_tokens"] += len(sampled.token_ids)
         return self._process_samples(model_output.sample_seqs, sampled)
+
+    def _greedy_steps(self, batch: SchedulerOutput) -> int:
+        """How many decode steps this batch runs in one fused call (num_scheduler_steps), 1 unless every
+        chunk is a decode of a plain greedy sequence (no logprobs, penalties, bias or pending min_tokens)
+        with that many tokens left before max_tokens and max_model_len, and the blocks for them are free:
+        then they are allocated here."""
+        count = self.config.scheduler.num_scheduler_steps
+        if count <= 1 or self.runner.fused is None or not self.runner.fused.vocab_size:
+            return 1
+        for chunk in batch.chunks:
+            seq, params = chunk.seq, chunk.seq.params
+            if (chunk.num_tokens != 1 or not chunk.samples or not params.greedy or params.logprobs is not None
+                    or params.logit_bias or params.repetition_penalty != 1.0 or params.presence_penalty
+                    or params.frequency_penalty or seq.num_output_tokens < params.min_tokens):
+                return 1
+            if params.max_tokens is not None:
+                count = min(count, params.max_tokens - seq.num_output_tokens)
+            count = min(count, self.max_model_len - seq.num_tokens)
+        manager = self.block_manager
+        needed = sum(max(0, manager.blocks_needed(c.seq.num_computed_tokens + count) - len(c.seq.block_table))
+                     for c in batch.chunks)
+        if count <= 1 or needed > manager.num_free_blocks:
+            return 1
+        for chunk in batch.chunks:
+            manager.allocate(chunk.seq, count)
+        return count
+
+    def _process_steps(self, batch: SchedulerOutput, tokens: list[list[int]]) -> list[RequestOutput]:
+        """Several greedy steps' tokens: append each sequence's in order until it finishes (the rest are
+        dropped, as is what the model computed for them), advance the computed counts, then finish."""
+        progressed: dict[str, Request] = {}
+        failed: dict[str, Exception] = {}
+        finished: list[Sequence] = []
+        for chunk, row in zip(batch.chunks, tokens):
+            seq = chunk.seq
+            request_id = seq.request.request_id
+            if request_id in failed:
+                continue
+            try:
+                for token_id in row:
+                    self._counters["generation_tokens"] += 1
+                    if self.output_processor.append_token(seq, token_id, None):
+                        finished.append(seq)
+                        break
+            except Exception as error:  # noqa: BLE001 - isolate the request, keep the batch
+                failed[request_id] = error
+                continue
+            progressed[request_id] = seq.request
+        # every position that fed a kept token is computed (the last new token is not)
+        self.scheduler.update(SchedulerOutput([ScheduledChunk(c.seq, c.start, len(c.seq.token_ids) - 1 - c.start, True)
+                                               for c in batch.chunks]))
+        for seq in finished:
+            self._finish(seq)
+        outputs = [self.output_processor.snapshot(r) for i, r in progressed.items() if i not in failed]
+        if failed:
+            raise EngineStepError(list(failed), next(iter(failed.values())), outputs)
+        return outputs
 
     def _process_samples(self, seqs: list[Sequence], sampled: SamplerOutput) -> list[RequestOutput]:
         """Append each sampled token (detokenize, check stops, finish); a request whose output

@@ -68,7 +68,8 @@ def build_client(settings: ServeSettings):
     # the engine counts sequences: any valid n (up to MAX_N) must fit one request's batch
     options = {"max_num_seqs": max(settings.max_num_seqs, MAX_N), "kv_cache_memory": settings.kv_cache_memory,
                "max_model_len": settings.max_model_len, "max_num_batched_tokens": settings.max_num_batched_tokens,
-               "enable_prefix_caching": settings.enable_prefix_caching, "kv_cache_dtype": settings.kv_cache_dtype}
+               "enable_prefix_caching": settings.enable_prefix_caching, "kv_cache_dtype": settings.kv_cache_dtype,
+               "num_scheduler_steps": settings.num_scheduler_steps}
     options = {k: v for k, v in options.items() if v is not None}
     if settings.in_process:
         def load():

@@ -36,6 +36,8 @@ class ServeSettings:
     max_model_len: int | None = None
     max_num_batched_tokens: int | None = None
     enable_prefix_caching: bool = True
+    num_scheduler_steps: int = 1
+    """Greedy decode steps per engine step (SchedulerConfig.num_scheduler_steps)."""
     max_body_bytes: int = 8 * 1024 * 1024
     """Request bodies above this (after decompression) get 413."""
     max_headers: int = 100

@@ -787,6 +787,31 @@ struct DecodeLayers : torch::CustomClassHolder {
     });
     return tokens;
   }
+
+  // `count` greedy decode steps in one call: after each step, each row's argmax is its next input, at the next
+  // position. block_tables must hold positions through positions + count - 1 and rope must reach them (each
+  // step checks). Returns the count x B tokens, step by step; `logits` holds the last step's.
+  std::vector<int64_t> steps(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& rope,
+                             const at::Tensor& kv, const std::optional<at::Tensor>& kv_scales,
+                             const at::Tensor& block_tables, const at::Tensor& logits, int64_t count) const {
+    TORCH_CHECK(count >= 1, "DecodeLayers.steps: count must be at least 1, not ", count);
+    TORCH_CHECK(input_ids.scalar_type() == at::kLong && positions.scalar_type() == at::kLong,
+                "input_ids and positions must be int64");
+    at::Tensor ids = input_ids.contiguous().clone(), where = positions.contiguous().clone();
+    std::vector<int64_t> all;
+    all.reserve(static_cast<size_t>(count * ids.numel()));
+    for (int64_t s = 0; s < count; ++s) {
+      const std::vector<int64_t> tokens = step(ids, where, rope, kv, kv_scales, block_tables, logits);
+      all.insert(all.end(), tokens.begin(), tokens.end());
+      int64_t* id = ids.data_ptr<int64_t>();
+      int64_t* position = where.data_ptr<int64_t>();
+      for (size_t b = 0; b < tokens.size(); ++b) {
+        id[b] = tokens[b];
+        position[b] += 1;
+      }
+    }
+    return all;
+  }
 };
 
 }  // namespace
@@ -816,7 +841,8 @@ TORCH_LIBRARY_FRAGMENT(zili_cpu, m) {
       .def("size", &DecodeLayers::size)
       .def("forward", &DecodeLayers::forward)
       .def("set_head", &DecodeLayers::set_head)
-      .def("step", &DecodeLayers::step);
+      .def("step", &DecodeLayers::step)
+      .def("steps", &DecodeLayers::steps);
 }
 
 }  // namespace zili_cpu
