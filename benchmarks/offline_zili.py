@@ -4,11 +4,15 @@ Runs as a child of benchmarks/run.py and prints one JSON object. The same method
 offline_transformers.py, from per-token timestamps of the engine's step loop: prefill = prompt
 tokens / time to the first new token; decode = 128 / (time of new token 129 - time of new token
 1) after a short prompt (the steps llama-bench's tg128 times); batch = 16 x 128 new tokens /
-wall time of one `LLM.generate` over 16 prompts. EOS is ignored.
+wall time of one `LLM.generate` over 16 prompts. EOS is ignored. With --grouped-steps N (default 8), the
+decode and batch figures are measured again on a fresh LLM with num_scheduler_steps=N (opt-in multi-step
+greedy decoding): tokens then come in groups, so decode = tokens after the first group / time from the
+first group's end to the last token.
 The precision is the checkpoint's: a folder from `zili quantize` loads as int8 / int4.
 """
 from __future__ import annotations
 
+import gc
 import random
 import sys
 import time
@@ -22,6 +26,8 @@ from common import emit, offline_figures, offline_parser
 def main(argv: list[str] | None = None) -> int:
     parser = offline_parser(__doc__.splitlines()[0])
     parser.add_argument("--precision", default="bf16", help="label only; the checkpoint decides")
+    parser.add_argument("--grouped-steps", type=int, default=8,
+                        help="also measure decode / batch with num_scheduler_steps=N (0: skip)")
     args = parser.parse_args(argv)
 
     from zili.llm import LLM
@@ -62,6 +68,25 @@ def main(argv: list[str] | None = None) -> int:
                     "zili_version": getattr(zili, "__version__", "?"), "load_s": load_s}
     offline_figures(args, result, random_ids, lambda batch, length: [random_ids(length) for _ in range(batch)],
                     token_times, timed_generate)
+    figures = set(args.figures.split(","))
+    if args.grouped_steps > 1 and figures & {"decode", "batch"}:  # peak RSS above is the default engine's
+        del llm
+        gc.collect()
+        llm = LLM(args.model, dtype="bfloat16", max_model_len=args.prefill_tokens + args.decode_tokens + 64,
+                  num_scheduler_steps=args.grouped_steps)
+        token_times(random_ids(8), 4)  # warm-up
+        result["grouped_steps"] = args.grouped_steps
+        if "decode" in figures:
+            samples = []
+            for _ in range(args.reps):
+                times = token_times(random_ids(args.prompt_tokens), 1 + args.decode_tokens)
+                later = [t for t in times if t > times[1]]  # the tokens after the first group
+                samples.append(len(later) / (times[-1] - times[1]))
+            result["grouped_decode_samples"] = samples
+        if "batch" in figures:
+            result["grouped_batch_samples"] = [
+                args.batch * args.decode_tokens / timed_generate([random_ids(args.prompt_tokens) for _ in range(args.batch)],
+                                                                 args.decode_tokens) for _ in range(args.reps)]
     emit(result)
     return 0
 

@@ -107,6 +107,40 @@ def offline_table(results: dict, figure: str) -> list[str]:
     return lines
 
 
+def grouped_section(results: dict) -> list[str]:
+    """zili's decode and batch figures again with num_scheduler_steps (opt-in multi-step greedy decoding)."""
+    steps = next((get(results, "zili", p, "grouped_steps") for p in PRECISIONS
+                  if get(results, "zili", p, "grouped_steps")), None)
+    if not steps:
+        return []
+    header = ("| precision | decode tok/s, default | decode tok/s, grouped | gain | grouped % of bound | "
+              "grouped / llama.cpp |")
+    lines = [f"### zili with num_scheduler_steps={steps} (opt-in)", "", header, header_rule(header)]
+    for precision in PRECISIONS:
+        default = get(results, "zili", precision, "decode_tok_s")
+        grouped = get(results, "zili", precision, "grouped_decode_tok_s")
+        if grouped is None:
+            continue
+        percent = None
+        weight_bytes = get(results, "zili", precision, "bytes_per_token")
+        gbps_rounds = get(results, "bandwidth", precision, "rounds_gbps") or []
+        samples = get(results, "zili", precision, "grouped_decode_samples") or []
+        if weight_bytes and samples and len(samples) == len(gbps_rounds):
+            percent = median([100.0 * t * weight_bytes / (bw * 1e9) for t, bw in zip(samples, gbps_rounds)])
+        lines.append(f"| {precision} | {fmt(default)} | {fmt(grouped)} | {fmt(ratio(grouped, default), 2, 'x')} | "
+                     f"{fmt(percent, 0, '%')} | {fmt(ratio(grouped, get(results, 'llama.cpp', precision, 'decode_tok_s')), 2, 'x')} |")
+    batch = get(results, "zili", "bf16", "grouped_batch_tok_s")
+    hf = get(results, "transformers", "bf16", "batch_tok_s")
+    lines += ["", f"{steps} greedy decode steps per engine step, each row's argmax fed back in C++: Python runs once "
+              "per group instead of once per token. Tokens then reach a stream in groups, and a request that arrives "
+              "meanwhile waits up to a group to start, so it is off by default."]
+    if batch:
+        lines.append(f"`LLM.generate` on {get(results, 'zili', 'bf16', 'batch')} requests with it: {fmt(batch)} tok/s "
+                     f"({fmt(ratio(batch, get(results, 'zili', 'bf16', 'batch_tok_s')), 2, 'x')} the default, "
+                     f"{fmt(ratio(batch, hf), 2, 'x')} transformers' static batch).")
+    return lines + [""]
+
+
 def header_rule(header: str) -> str:
     return "|" + "---|" * (header.count("|") - 1)
 
@@ -281,6 +315,7 @@ def render_markdown(results: dict) -> str:
         "% of bound = decode tok/s x weight bytes read per token / read bandwidth, each round against the read "
         "of the same round (the median over rounds is shown; the tied embedding is read once, as the output head).",
         "",
+        *grouped_section(results),
         f"## Prefill ({settings.get('prefill_tokens', 512)}-token prompt)",
         "",
         *offline_table(results, "prefill_tok_s"),
