@@ -15,35 +15,18 @@
 #include <cstring>
 #include <vector>
 
+#include "amx_tiles.h"
 #include "kernels.h"
 
 namespace zili_cpu {
 namespace {
 
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
 // Tiles: 0 C (16 x 16 fp32), 1 / 2 A / B for 32 channels, 3 / 4 A / B for the last `tail` channels.
 void configure_score_tiles(int64_t tail) {
   TileConfig config;
-  std::memset(&config, 0, sizeof(config));
-  config.palette_id = 1;
-  for (int t = 0; t < 3; ++t) {
-    config.rows[t] = 16;
-    config.colsb[t] = 64;
-  }
-  if (tail > 0) {
-    config.rows[3] = 16;
-    config.colsb[3] = static_cast<uint16_t>(tail * 2);
-    config.rows[4] = static_cast<uint8_t>(tail / 2);
-    config.colsb[4] = 64;
-  }
-  _tile_loadconfig(&config);
+  config.tile(0, 16, 64).tile(1, 16, 64).tile(2, 16, 64);
+  if (tail > 0) config.tile(3, 16, static_cast<int>(tail * 2)).tile(4, static_cast<int>(tail / 2), 64);
+  config.load();
 }
 
 }  // namespace
@@ -68,7 +51,7 @@ void amx_attention_scores(const uint16_t* q, int64_t q_ld, int64_t heads, int64_
         qp[(i / 32) * 256 + (i % 32) / 2 * 16 + g] = pair;
       }
     }
-    __asm__ volatile("" ::: "memory");  // tileloadd is an asm statement without memory operands
+    compiler_barrier();  // the packed q before the tile loads
     for (int64_t r = 0; r < runs; ++r) {
       _tile_zero(0);
       for (int64_t c = 0; c < full; ++c) {
@@ -85,7 +68,7 @@ void amx_attention_scores(const uint16_t* q, int64_t q_ld, int64_t heads, int64_
     }
   }
   _tile_release();
-  __asm__ volatile("" ::: "memory");  // nor is tilestored: the caller's reads of `scores` come after it
+  compiler_barrier();  // the caller's reads of `scores` after the tile stores
 }
 
 }  // namespace zili_cpu

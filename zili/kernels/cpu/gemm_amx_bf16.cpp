@@ -26,6 +26,7 @@
 #include <string>
 #include <type_traits>
 
+#include "amx_tiles.h"
 #include "kernels.h"
 
 namespace zili_cpu {
@@ -71,29 +72,12 @@ bool amx_available() {
   return available;
 }
 
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-// Every tile is 16 rows x 64 bytes. Loaded on every call: other code on the thread (oneDNN's AMX
-// kernels) loads its own configuration or releases the tiles in between.
+// Every tile is 16 rows x 64 bytes.
 void configure_tiles() {
   TileConfig config;
-  std::memset(&config, 0, sizeof(config));
-  config.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    config.rows[t] = 16;
-    config.colsb[t] = 64;
-  }
-  _tile_loadconfig(&config);
+  for (int t = 0; t < 8; ++t) config.tile(t, 16, 64);
+  config.load();
 }
-
-// tileloadd is an asm statement without memory operands: order the plain stores before it.
-inline void compiler_barrier() { __asm__ volatile("" ::: "memory"); }
 
 inline __m512 bias_vector(const Bias& bias, int64_t n) {
   if (bias.data == nullptr) return _mm512_setzero_ps();
