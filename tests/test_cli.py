@@ -218,6 +218,21 @@ def test_every_broken_folder_gives_one_error_line_in_process(broken_folders, cas
     assert_one_error_line(result, ERROR_CASES[case][1])
 
 
+def test_generate_with_groups_of_steps_gives_the_same_reply(folder, reference, capsys):
+    tokenizer, reply = reference
+    result = run_in_process(["generate", folder, PROMPT, "--num-scheduler-steps", 4, *SAMPLING], capsys)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == PROMPT + reply(tokenizer.encode(PROMPT)) + "\n"
+
+
+@pytest.mark.parametrize("value", ["0", "65", "two"])
+def test_bad_num_scheduler_steps_is_a_usage_error(folder, capsys, value):
+    with pytest.raises(SystemExit) as exit_info:
+        run_in_process(["generate", folder, "hi", "--num-scheduler-steps", value], capsys)
+    assert exit_info.value.code == 2
+    assert "--num-scheduler-steps: must be an integer in [1, 64]" in capsys.readouterr().err
+
+
 def test_invalid_sampling_parameter(folder, capsys):
     result = run_in_process(["generate", folder, "hi", "--temperature", 5, "--dtype", "float32"], capsys)
     assert_one_error_line(result, ["temperature"])

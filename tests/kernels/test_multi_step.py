@@ -129,3 +129,25 @@ def test_num_scheduler_steps_must_be_a_small_positive_integer():
         with pytest.raises(ConfigError, match="num_scheduler_steps"):
             EngineConfig.from_options(num_scheduler_steps=bad)
     assert EngineConfig.from_options(num_scheduler_steps=8).scheduler.num_scheduler_steps == 8
+
+
+def test_the_first_token_is_a_step_of_its_own(folder, cpu_kernels):
+    # a one-token prompt is a single-token chunk too: its first token must not wait for a group
+    engine = LLMEngine.from_folder(folder, dtype="bfloat16", num_scheduler_steps=8, block_size=4)
+    engine.add_request("one", [7], SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))
+    first = engine.step()
+    assert len(first[0].outputs[0].token_ids) == 1
+    assert len(engine.step()[0].outputs[0].token_ids) == 9  # then a group
+
+
+def test_a_batch_the_fused_step_cannot_take_reserves_no_blocks_ahead(folder, cpu_kernels, group_calls):
+    engine = LLMEngine.from_folder(folder, dtype="bfloat16", num_scheduler_steps=8, block_size=4)
+    engine.runner.fused.max_batch = 2  # three sequences: every step is single
+    for i, prompt in enumerate(PROMPTS[:3]):
+        engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))
+    manager = engine.block_manager
+    while engine.has_unfinished_requests():
+        engine.step()
+        for seq in engine.scheduler.running:  # blocks for the tokens so far, none for tokens ahead
+            assert len(seq.block_table) <= manager.blocks_needed(seq.num_tokens)
+    assert not group_calls

@@ -19,9 +19,16 @@ def add_model_arguments(parser: argparse.ArgumentParser, optional_model: bool = 
                              "tokens per byte of bf16)")
 
 
+def _scheduler_steps(text: str) -> int:
+    value = int(text) if text.strip().lstrip("-").isdigit() else 0
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"must be an integer in [1, 64], not {text!r}")
+    return value
+
+
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--num-scheduler-steps", type=int, default=1,
-                        help="greedy decode steps per engine step (tokens then arrive in groups; default 1)")
+    parser.add_argument("--num-scheduler-steps", type=_scheduler_steps, default=1,
+                        help="greedy decode steps per engine step, 1-64 (tokens then arrive in groups; default 1)")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:

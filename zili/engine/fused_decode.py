@@ -126,6 +126,11 @@ class FusedDecoder:
         argmax = self.layers.step(ids, where, rope, self.cache.kv, self.cache.scales, block_tables, logits)
         return logits, argmax
 
+    def takes_steps(self, positions: int) -> bool:
+        """Whether greedy_steps runs over positions below `positions`: the head is fused and the rotary
+        table does not depend on the sequence length there."""
+        return bool(self.vocab_size) and self.model.model.rotary_emb.table(positions, torch.device("cpu")) is not None
+
     @torch.inference_mode()
     def greedy_steps(self, input_ids: list[int], positions: list[int], block_tables: torch.Tensor,
                      count: int) -> list[list[int]] | None:

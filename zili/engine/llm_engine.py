@@ -178,16 +178,18 @@ class LLMEngine:
     def _greedy_steps(self, batch: SchedulerOutput) -> int:
         """How many decode steps this batch runs in one fused call (num_scheduler_steps), 1 unless every
         chunk is a decode of a plain greedy sequence (no logprobs, penalties, bias or pending min_tokens)
-        with that many tokens left before max_tokens and max_model_len, and the blocks for them are free:
-        then they are allocated here."""
+        that already has its first token (a prompt's last token is a step of its own: the first token is
+        not held back for a group), with that many tokens left before max_tokens and max_model_len, the
+        fused step takes the batch, and the blocks for them are free: then they are allocated here."""
         count = self.config.scheduler.num_scheduler_steps
-        if count <= 1 or self.runner.fused is None or not self.runner.fused.vocab_size:
+        fused = self.runner.fused
+        if count <= 1 or fused is None or len(batch.chunks) > fused.max_batch:
             return 1
         for chunk in batch.chunks:
             seq, params = chunk.seq, chunk.seq.params
-            if (chunk.num_tokens != 1 or not chunk.samples or not params.greedy or params.logprobs is not None
-                    or params.logit_bias or params.repetition_penalty != 1.0 or params.presence_penalty
-                    or params.frequency_penalty or seq.num_output_tokens < params.min_tokens):
+            if (chunk.num_tokens != 1 or not chunk.samples or seq.num_output_tokens < 1 or not params.greedy
+                    or params.logprobs is not None or params.logit_bias or params.repetition_penalty != 1.0
+                    or params.presence_penalty or params.frequency_penalty or seq.num_output_tokens < params.min_tokens):
                 return 1
             if params.max_tokens is not None:
                 count = min(count, params.max_tokens - seq.num_output_tokens)
@@ -195,10 +197,12 @@ class LLMEngine:
         manager = self.block_manager
         needed = sum(max(0, manager.blocks_needed(c.seq.num_computed_tokens + count) - len(c.seq.block_table))
                      for c in batch.chunks)
-        if count <= 1 or needed > manager.num_free_blocks:
+        if (count <= 1 or needed > manager.num_free_blocks
+                or not fused.takes_steps(max(c.start for c in batch.chunks) + count)):
             return 1
         for chunk in batch.chunks:
-            manager.allocate(chunk.seq, count)
+            if not manager.allocate(chunk.seq, count):  # cannot happen: the total was checked above
+                raise RuntimeError("KV blocks for a group of steps ran out after they were counted")
         return count
 
     def _process_steps(self, batch: SchedulerOutput, tokens: list[list[int]]) -> list[RequestOutput]:
@@ -214,8 +218,9 @@ class LLMEngine:
                 continue
             try:
                 for token_id in row:
+                    done = self.output_processor.append_token(seq, token_id, None)
                     self._counters["generation_tokens"] += 1
-                    if self.output_processor.append_token(seq, token_id, None):
+                    if done:
                         finished.append(seq)
                         break
             except Exception as error:  # noqa: BLE001 - isolate the request, keep the batch

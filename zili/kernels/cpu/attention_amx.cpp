@@ -41,6 +41,7 @@ void amx_attention_scores(const uint16_t* q, int64_t q_ld, int64_t heads, int64_
   configure_score_tiles(tail);
   for (int64_t h0 = 0; h0 < heads; h0 += 16) {
     const int64_t count = std::min<int64_t>(16, heads - h0);
+    compiler_barrier();  // the previous heads' tile loads before their packed q is overwritten
     // chunk c, line p, column g: channels (32c + 2p, 32c + 2p + 1) of head h0 + g
     std::fill(qp, qp + chunks * 256, 0u);
     for (int64_t g = 0; g < count; ++g) {
