@@ -287,3 +287,27 @@ def test_bad_step_inputs_get_clear_errors_and_leave_the_cache_alone(folders, cpu
     with pytest.raises(RuntimeError, match="logits must be"):
         fused.layers.step(torch.tensor([1, 2]), torch.tensor([3, 5]), rope, cache.kv, None, tables, logits[:1])
     assert torch.equal(cache.kv, before)
+
+
+@pytest.mark.parametrize("case", ["llama-gqa", "mistral-window-5", "llama-20-groups-head-dim-16"])
+def test_cache_slots_outside_the_context_never_reach_the_output(case, folders, attention_path):
+    # runs of 16 positions are read whole from blocks of 16, past the context too: what those slots
+    # hold (here NaN, or zeros) must not change a single logit
+    model = load_bf16(folders[case])
+    config = model.config
+    lengths = [1, 16, 17, 40, 7]
+    blocks = [list(range(4 * i, 4 * i + 4)) for i in range(len(lengths))]
+    tokens = torch.randint(0, config.vocab_size, (len(lengths),), generator=torch.Generator().manual_seed(2)).tolist()
+    logits = []
+    for outside in (float("nan"), 0.0):
+        cache = new_cache(config, "auto", block_size=16)
+        cache.kv.fill_(outside)
+        for table, n in zip(blocks, lengths):
+            slots = torch.tensor([table[p // 16] * 16 + p % 16 for p in range(n)])
+            shape = cache.kv[:, :, :, slots].shape
+            cache.kv[:, :, :, slots] = torch.randn(shape, generator=torch.Generator().manual_seed(n)).bfloat16()
+        fused = FusedDecoder.build(model, cache)
+        got, _ = fused.forward(tokens, lengths, padded_block_tables(blocks, cache.pad_block))
+        logits.append(got)
+    assert torch.isfinite(logits[0]).all()
+    assert torch.equal(logits[0], logits[1])
