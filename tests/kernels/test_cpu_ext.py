@@ -69,6 +69,13 @@ def test_a_build_lock_left_by_a_killed_build_does_not_block_loading(cpu_kernels,
     assert not (cpu_ext.build_directory() / "lock").exists()
 
 
+def test_the_build_goes_under_torch_extensions_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert cpu_ext.build_directory().parent == tmp_path
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    assert cpu_ext.build_directory().parent != tmp_path
+
+
 def test_ops_have_shapes_for_tracing(cpu_kernels):
     with FakeTensorMode():
         x, w = torch.empty(3, 64, dtype=torch.bfloat16), torch.empty(40, 64, dtype=torch.bfloat16)

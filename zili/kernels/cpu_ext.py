@@ -82,7 +82,8 @@ def build_directory() -> Path:
     from torch.utils import cpp_extension
 
     python = f"py{sys.version_info.major}{sys.version_info.minor}"
-    return Path(cpp_extension.get_default_build_root()) / f"zili_cpu_kernels-{python}-torch{torch.__version__}"
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()  # the latter ignores it
+    return Path(root) / f"zili_cpu_kernels-{python}-torch{torch.__version__}"
 
 
 def _build() -> None:
