@@ -187,39 +187,22 @@ inline __m512 dot_run(const float* q, const float* keys, int64_t ld) {
   return sum_lanes(partial);
 }
 
-// acc (G rows of ld floats, columns [d, d + 16 NV)) += p (G rows, p_ld apart) @ values (n rows of ld floats),
-// with the G x NV accumulators in registers.
-template <int G, int NV>
-void accumulate_values(float* acc, int64_t ld, int64_t d, const float* p, int64_t p_ld, const float* values,
-                       int64_t n) {
-  __m512 a[G][NV];
-  for (int g = 0; g < G; ++g)
-    for (int c = 0; c < NV; ++c) a[g][c] = _mm512_loadu_ps(acc + g * ld + d + 16 * c);
-  for (int64_t j = 0; j < n; ++j) {
-    __m512 v[NV];
-    for (int c = 0; c < NV; ++c) v[c] = _mm512_loadu_ps(values + j * ld + d + 16 * c);
-    for (int g = 0; g < G; ++g) {
-      const __m512 pg = _mm512_set1_ps(p[g * p_ld + j]);
-      for (int c = 0; c < NV; ++c) a[g][c] = _mm512_fmadd_ps(pg, v[c], a[g][c]);
-    }
-  }
-  for (int g = 0; g < G; ++g)
-    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(acc + g * ld + d + 16 * c, a[g][c]);
-}
+// Value rows for accumulate_values: 16 channels of row j from channel d on, as fp32 (lanes outside `mask` 0).
+struct WidenedRows {  // fp32 rows `ld` apart, zero-padded past the head size (widen_run)
+  const float* base;
+  int64_t ld;
+  __m512 load(int64_t j, int64_t d, __mmask16) const { return _mm512_loadu_ps(base + j * ld + d); }
+};
+struct CachedRows {  // bf16 rows read where they lie (the paged cache)
+  const uint16_t* const* rows;
+  __m512 load(int64_t j, int64_t d, __mmask16 mask) const { return load_bf16(rows[j] + d, mask); }
+};
 
-using AccumulateValues = void (*)(float*, int64_t, int64_t, const float*, int64_t, const float*, int64_t);
-
-template <int G>
-constexpr AccumulateValues kAccumulateByWidth[4] = {accumulate_values<G, 1>, accumulate_values<G, 2>,
-                                                    accumulate_values<G, 3>, accumulate_values<G, 4>};
-constexpr const AccumulateValues* kAccumulate[4] = {kAccumulateByWidth<1>, kAccumulateByWidth<2>,
-                                                    kAccumulateByWidth<3>, kAccumulateByWidth<4>};
-
-// acc (G rows of ld floats, columns [d, d + 16 NV)) += sum over j < n of p[j * p_ld + g] * values[j] (bf16 rows
-// of D channels, read where they lie), with the G x NV accumulators in registers.
-template <int G, int NV>
-void accumulate_rows(float* acc, int64_t ld, int64_t d, const float* p, int64_t p_ld, const uint16_t* const* values,
-                     int64_t n, int64_t D) {
+// acc (G rows of ld floats, columns [d, d + 16 NV)) += sum over j < n of p[g * p_g + j * p_j] * values row j
+// (D channels), with the G x NV accumulators in registers.
+template <int G, int NV, typename Rows>
+void accumulate_values(float* acc, int64_t ld, int64_t d, const float* p, int64_t p_g, int64_t p_j, const Rows& values,
+                       int64_t n, int64_t D) {
   __m512 a[G][NV];
   __mmask16 masks[NV];
   for (int c = 0; c < NV; ++c) masks[c] = tail_mask(D - d - 16 * c);
@@ -227,9 +210,9 @@ void accumulate_rows(float* acc, int64_t ld, int64_t d, const float* p, int64_t 
     for (int c = 0; c < NV; ++c) a[g][c] = _mm512_loadu_ps(acc + g * ld + d + 16 * c);
   for (int64_t j = 0; j < n; ++j) {
     __m512 v[NV];
-    for (int c = 0; c < NV; ++c) v[c] = load_bf16(values[j] + d + 16 * c, masks[c]);
+    for (int c = 0; c < NV; ++c) v[c] = values.load(j, d + 16 * c, masks[c]);
     for (int g = 0; g < G; ++g) {
-      const __m512 pg = _mm512_set1_ps(p[j * p_ld + g]);
+      const __m512 pg = _mm512_set1_ps(p[g * p_g + j * p_j]);
       for (int c = 0; c < NV; ++c) a[g][c] = _mm512_fmadd_ps(pg, v[c], a[g][c]);
     }
   }
@@ -237,14 +220,28 @@ void accumulate_rows(float* acc, int64_t ld, int64_t d, const float* p, int64_t 
     for (int c = 0; c < NV; ++c) _mm512_storeu_ps(acc + g * ld + d + 16 * c, a[g][c]);
 }
 
-using AccumulateRows = void (*)(float*, int64_t, int64_t, const float*, int64_t, const uint16_t* const*, int64_t,
-                                int64_t);
+template <typename Rows>
+using AccumulateValues = void (*)(float*, int64_t, int64_t, const float*, int64_t, int64_t, const Rows&, int64_t,
+                                  int64_t);
 
-template <int G>
-constexpr AccumulateRows kAccumulateRowsByWidth[4] = {accumulate_rows<G, 1>, accumulate_rows<G, 2>,
-                                                      accumulate_rows<G, 3>, accumulate_rows<G, 4>};
-constexpr const AccumulateRows* kAccumulateRows[4] = {kAccumulateRowsByWidth<1>, kAccumulateRowsByWidth<2>,
-                                                      kAccumulateRowsByWidth<3>, kAccumulateRowsByWidth<4>};
+template <typename Rows, int G>
+constexpr AccumulateValues<Rows> kAccumulateByWidth[4] = {accumulate_values<G, 1, Rows>, accumulate_values<G, 2, Rows>,
+                                                          accumulate_values<G, 3, Rows>, accumulate_values<G, 4, Rows>};
+
+// acc (groups rows of ld floats) += p @ values over n rows, up to 4 groups x 64 channels in registers at a time.
+template <typename Rows>
+void add_weighted_values(float* acc, int64_t ld, int64_t groups, const float* p, int64_t p_g, int64_t p_j,
+                         const Rows& values, int64_t n, int64_t D) {
+  static constexpr const AccumulateValues<Rows>* kByGroups[4] = {
+      kAccumulateByWidth<Rows, 1>, kAccumulateByWidth<Rows, 2>, kAccumulateByWidth<Rows, 3>, kAccumulateByWidth<Rows, 4>};
+  for (int64_t g = 0; g < groups; g += 4) {
+    const int64_t G = std::min<int64_t>(4, groups - g);
+    for (int64_t d = 0; d < ld; d += 64) {
+      const int64_t width = std::min<int64_t>(4, (ld - d) / 16);
+      kByGroups[G - 1][width - 1](acc + g * ld, ld, d, p + g * p_g, p_g, p_j, values, n, D);
+    }
+  }
+}
 
 // Which attention decode steps run: 0 = the AMX scores where they apply (bf16 cache, AMX usable), 1 = the
 // vector path always (for tests and benchmarks: set_attention_path).
@@ -315,13 +312,7 @@ void attend_amx(const uint16_t* q, int64_t groups, int64_t D, int64_t ld, const 
     for (int64_t g = h0; g < std::min<int64_t>(groups, h0 + 16); ++g) sums[g] = lanes[g - h0];
   }
   std::fill(acc, acc + groups * ld, 0.0f);
-  for (int64_t g = 0; g < groups; g += 4) {
-    const int64_t G = std::min<int64_t>(4, groups - g);
-    for (int64_t d = 0; d < ld; d += 64) {
-      const int64_t width = std::min<int64_t>(4, (ld - d) / 16);
-      kAccumulateRows[G - 1][width - 1](acc + g * ld, ld, d, s + g, scores_ld, values.data(), count, D);
-    }
-  }
+  add_weighted_values(acc, ld, groups, s, 1, scores_ld, CachedRows{values.data()}, count, D);
 }
 
 struct AttentionShape {
@@ -377,6 +368,7 @@ void attention(uint16_t* qkv, int64_t B, const AttentionShape& shape, const Page
         uint16_t* qh = base + (h * groups + g) * D;
         if (q_norm != nullptr) rms_norm(qh, D, 1, D, q_norm, eps, qh, D);
         rotate(qh);
+        if (amx) continue;  // the AMX scores read the bf16 heads in place
         for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(&q[g * ld + d], load_bf16(qh + d, tail_mask(D - d)));
       }
       const int64_t start = shape.sliding_window > 0 ? std::max<int64_t>(0, length - shape.sliding_window) : 0;
@@ -415,13 +407,7 @@ void attention(uint16_t* qkv, int64_t B, const AttentionShape& shape, const Page
       for (int64_t r = 0; r < count; r += kRun) {
         const int64_t n = std::min(kRun, count - r);
         widen_run(cache, 1, h, start + r, n, slot_of, run.data(), ld);
-        for (int64_t g = 0; g < groups; g += 4) {
-          const int64_t G = std::min<int64_t>(4, groups - g);
-          for (int64_t d = 0; d < ld; d += 64) {
-            const int64_t width = std::min<int64_t>(4, (ld - d) / 16);
-            kAccumulate[G - 1][width - 1](acc.data() + g * ld, ld, d, scores.data() + g * padded + r, padded, run.data(), n);
-          }
-        }
+        add_weighted_values(acc.data(), ld, groups, scores.data() + r, padded, 1, WidenedRows{run.data(), ld}, n, D);
       }
       write_output(b, h);
     }
