@@ -133,14 +133,14 @@ class FusedDecoder:
 
     @torch.inference_mode()
     def greedy_steps(self, input_ids: list[int], positions: list[int], block_tables: torch.Tensor,
-                     count: int) -> list[list[int]] | None:
+                     count: int) -> list[list[int]]:
         """`count` greedy decode steps in one C++ call, each row's argmax its next input at the next position
-        (block_tables must already hold those positions) -> each row's `count` new tokens; None where the
-        whole step is not fused (then `forward` is the way, one step at a time)."""
+        (block_tables must already hold those positions, and takes_steps(max(positions) + count) must hold)
+        -> each row's `count` new tokens."""
         rope = (self.model.model.rotary_emb.table(max(positions) + count, torch.device("cpu"))
                 if self.vocab_size else None)
         if rope is None:
-            return None
+            raise ValueError("greedy_steps needs the fused head and a rotary table independent of the length")
         ids, where = torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long)
         logits = torch.empty(len(input_ids), self.vocab_size, dtype=torch.float32)
         flat = self.layers.steps(ids, where, rope, self.cache.kv, self.cache.scales, block_tables, logits, count)

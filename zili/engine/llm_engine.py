@@ -160,15 +160,16 @@ class LLMEngine:
             for chunk in batch.chunks:
                 if self.fault_hook is not None:
                     self.fault_hook(chunk.seq)
-            tokens = self.runner.execute_greedy_steps(batch, count) if count > 1 else None
-            if tokens is None:
+            if count > 1:
+                tokens = self.runner.execute_greedy_steps(batch, count)
+            else:
                 model_output = self.runner.execute(batch)
                 sampled = self.sampler(model_output.sample_logits,
                                        [self._sampling_row(s) for s in model_output.sample_seqs],
                                        model_output.sample_argmax)
         except Exception as error:
             raise EngineStepError(batch.request_ids, error) from error
-        if tokens is not None:
+        if count > 1:
             return self._process_steps(batch, tokens)
         self.scheduler.update(batch)
         self._record_prompt_logprobs(model_output)

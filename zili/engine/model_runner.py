@@ -94,13 +94,11 @@ class ModelRunner:
                            argmax[:num_samples] if argmax is not None else None)
 
     @torch.inference_mode()
-    def execute_greedy_steps(self, out: SchedulerOutput, count: int) -> list[list[int]] | None:
+    def execute_greedy_steps(self, out: SchedulerOutput, count: int) -> list[list[int]]:
         """`count` greedy decode steps of a batch of decodes in one fused call: per chunk, its `count` new
-        tokens (each sequence's blocks must already hold them). None when the fused step cannot take the
-        batch; nothing has run then."""
+        tokens. The engine checked that the fused step takes the batch (FusedDecoder.takes_steps, max_batch)
+        and gave each sequence the blocks for them."""
         chunks = out.chunks
-        if self.fused is None or len(chunks) > self.fused.max_batch or any(c.num_tokens != 1 for c in chunks):
-            return None
         tables = padded_block_tables([c.seq.block_table for c in chunks], self.kv_cache.pad_block)
         return self.fused.greedy_steps([c.seq.token_ids[c.start] for c in chunks], [c.start for c in chunks], tables,
                                        count)
