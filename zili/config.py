@@ -219,6 +219,9 @@ class CacheConfig:
                  f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
 
 
+MAX_NUM_SCHEDULER_STEPS = 64  # SchedulerConfig.num_scheduler_steps at most (the CLI checks it too)
+
+
 @dataclass
 class SchedulerConfig:
     """Continuous batching limits and chunked prefill."""
@@ -243,8 +246,9 @@ class SchedulerConfig:
         _require(isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1,
                  f"max_num_seqs must be a positive integer, got {self.max_num_seqs!r}")
         _require(isinstance(self.num_scheduler_steps, int) and not isinstance(self.num_scheduler_steps, bool)
-                 and 1 <= self.num_scheduler_steps <= 64,
-                 f"num_scheduler_steps must be an integer in [1, 64], got {self.num_scheduler_steps!r}")
+                 and 1 <= self.num_scheduler_steps <= MAX_NUM_SCHEDULER_STEPS,
+                 f"num_scheduler_steps must be an integer in [1, {MAX_NUM_SCHEDULER_STEPS}], "
+                 f"got {self.num_scheduler_steps!r}")
         for name in ("max_num_batched_tokens", "max_model_len"):
             value = getattr(self, name)
             _require(value is None or (isinstance(value, int) and value >= 1),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from zili.config import KV_CACHE_DTYPES
+from zili.config import KV_CACHE_DTYPES, MAX_NUM_SCHEDULER_STEPS
 from zili.devices import DTYPES
 
 
@@ -21,14 +21,15 @@ def add_model_arguments(parser: argparse.ArgumentParser, optional_model: bool = 
 
 def _scheduler_steps(text: str) -> int:
     value = int(text) if text.strip().lstrip("-").isdigit() else 0
-    if not 1 <= value <= 64:
-        raise argparse.ArgumentTypeError(f"must be an integer in [1, 64], not {text!r}")
+    if not 1 <= value <= MAX_NUM_SCHEDULER_STEPS:
+        raise argparse.ArgumentTypeError(f"must be an integer in [1, {MAX_NUM_SCHEDULER_STEPS}], not {text!r}")
     return value
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-scheduler-steps", type=_scheduler_steps, default=1,
-                        help="greedy decode steps per engine step, 1-64 (tokens then arrive in groups; default 1)")
+                        help=f"greedy decode steps per engine step, 1-{MAX_NUM_SCHEDULER_STEPS} (tokens then arrive "
+                             "in groups; default 1)")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
