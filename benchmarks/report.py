@@ -43,15 +43,16 @@ def ratio(a, b) -> float | None:
     return a / b if a and b else None
 
 
-def bound_percent(results: dict, engine: str, precision: str) -> float | None:
-    """Decode tok/s as a share of bandwidth / weight bytes per token: per round against that round's
-    read bandwidth (the median over rounds) where both were measured each round, else against the best read."""
-    tok_s = get(results, engine, precision, "decode_tok_s")
+def bound_percent(results: dict, engine: str, precision: str, figure: str = "decode") -> float | None:
+    """Decode tok/s (`figure`: "decode", or "grouped_decode" for zili's num_scheduler_steps run) as a share of
+    bandwidth / weight bytes per token: per round against that round's read bandwidth (the median over
+    rounds) where both were measured each round, else against the best read."""
+    tok_s = get(results, engine, precision, f"{figure}_tok_s")
     weight_bytes = get(results, engine, precision, "bytes_per_token")
     gbps = get(results, "bandwidth", precision, "best_gbps")
     if not (tok_s and weight_bytes and gbps):
         return None
-    samples = get(results, engine, precision, "decode_samples") or []
+    samples = get(results, engine, precision, f"{figure}_samples") or []
     rounds = get(results, "bandwidth", precision, "rounds_gbps") or []
     if samples and len(samples) == len(rounds):
         return median([100.0 * t * weight_bytes / (bw * 1e9) for t, bw in zip(samples, rounds)])
@@ -121,12 +122,7 @@ def grouped_section(results: dict) -> list[str]:
         grouped = get(results, "zili", precision, "grouped_decode_tok_s")
         if grouped is None:
             continue
-        percent = None
-        weight_bytes = get(results, "zili", precision, "bytes_per_token")
-        gbps_rounds = get(results, "bandwidth", precision, "rounds_gbps") or []
-        samples = get(results, "zili", precision, "grouped_decode_samples") or []
-        if weight_bytes and samples and len(samples) == len(gbps_rounds):
-            percent = median([100.0 * t * weight_bytes / (bw * 1e9) for t, bw in zip(samples, gbps_rounds)])
+        percent = bound_percent(results, "zili", precision, "grouped_decode")
         lines.append(f"| {precision} | {fmt(default)} | {fmt(grouped)} | {fmt(ratio(grouped, default), 2, 'x')} | "
                      f"{fmt(percent, 0, '%')} | {fmt(ratio(grouped, get(results, 'llama.cpp', precision, 'decode_tok_s')), 2, 'x')} |")
     batch = get(results, "zili", "bf16", "grouped_batch_tok_s")
