@@ -39,9 +39,6 @@ namespace {
 // AMX is still ahead, 12.3 vs 11.8).
 constexpr int64_t kAmxMinRows = 1;
 constexpr int64_t kGemvMinInputsForOneRow = 4096;
-// Up to this many rows of x (decode batches: the fused step's limit is 64), C tiles are read out with gathers
-// instead of a transpose (write_tile).
-constexpr int64_t kGatherMaxRows = 32;
 
 constexpr int kArchReqXcompPerm = 0x1023;
 constexpr int kXfeatureXtiledata = 18;
@@ -129,24 +126,15 @@ void pack_x(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, ui
 }
 
 // c: a stored C tile (16 rows of W x 16 rows of x, fp32) -> out rows m0 .. m0 + rows - 1, columns n0 .. n0 + 15.
-// Output row j is column j of c. `gather`: one strided gather per row wanted; else a 16 x 16 transpose in
-// registers. Decode streams the weights, and there the gathers measured faster: the bench model's decode step,
-// 2 threads, took 36.9 -> 34.8 ms at batch 1 and 44.3 -> 42.2 ms at batch 16 (the transpose's 64 permutes a tile
-// held back the weight stream). More rows (short prefills up to MAX_KERNEL_ROWS; longer ones go to oneDNN) keep
-// the transpose, which needs 16 loads where 16 gathers need 256: the gathers were not measured there.
+// Output row j is column j of c: one strided gather per row. A 16 x 16 transpose in registers (64 permutes a
+// tile) instead held back the weight stream: the bench model's decode step, 2 threads, same build alternated,
+// took 36.9 -> 34.8 ms at batch 1, 44.3 -> 42.2 at 16 rows and 72.9 -> 67.7 at 48 with the gathers.
 inline void write_tile(const float* c, int64_t rows, int64_t m0, int64_t n0, __m512 bias, void* out, int64_t ldo,
-                       OutType out_type, bool gather) {
-  __m512 t[16];
-  if (gather) {
-    const __m512i column = _mm512_mullo_epi32(
-        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(16));
-    for (int64_t j = 0; j < rows; ++j) t[j] = _mm512_i32gather_ps(column, c + j, 4);
-  } else {
-    for (int r = 0; r < 16; ++r) t[r] = _mm512_load_ps(c + 16 * r);
-    transpose16(t);
-  }
+                       OutType out_type) {
+  const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32(16));
   for (int64_t j = 0; j < rows; ++j) {
-    const __m512 v = _mm512_add_ps(t[j], bias);
+    const __m512 v = _mm512_add_ps(_mm512_i32gather_ps(column, c + j, 4), bias);
     const int64_t index = (m0 + j) * ldo + n0;
     if (out_type == OutType::kBFloat16) {
       const __m256bh h = _mm512_cvtneps_pbh(v);
@@ -204,7 +192,7 @@ void amx_block(const uint32_t* xg, int64_t gstride, int64_t M, int64_t K, const 
       if (a == 0 && b == 1) _tile_stored(1, c, 64);
       if (a == 1 && b == 0) _tile_stored(2, c, 64);
       if (a == 1 && b == 1) _tile_stored(3, c, 64);
-      write_tile(c, rows, m0 + 16 * b, n0 + 16 * a, bv, out, ldo, out_type, M <= kGatherMaxRows);
+      write_tile(c, rows, m0 + 16 * b, n0 + 16 * a, bv, out, ldo, out_type);
     }
   }
 }
