@@ -189,8 +189,8 @@ class LLMEngine:
         for chunk in batch.chunks:
             seq, params = chunk.seq, chunk.seq.params
             if (chunk.num_tokens != 1 or not chunk.samples or seq.num_output_tokens < 1 or not params.greedy
-                    or params.logprobs is not None or params.logit_bias or params.repetition_penalty != 1.0
-                    or params.presence_penalty or params.frequency_penalty or seq.num_output_tokens < params.min_tokens):
+                    or params.logprobs is not None or params.logit_bias or params.penalized
+                    or seq.num_output_tokens < params.min_tokens):
                 return 1
             if params.max_tokens is not None:
                 count = min(count, params.max_tokens - seq.num_output_tokens)
@@ -262,9 +262,8 @@ class LLMEngine:
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         params = seq.params
         blocked = self.output_processor.stop_token_ids(seq) if seq.num_output_tokens < params.min_tokens else []
-        penalized = params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
-        return SamplingRow(params, seq.output_token_ids if penalized else [],
-                           seq.prompt_token_ids if penalized else [], blocked,
+        return SamplingRow(params, seq.output_token_ids if params.penalized else [],
+                           seq.prompt_token_ids if params.penalized else [], blocked,
                            self.sampler.generator(seq.seq_id, seq.seed))
 
     def _record_prompt_logprobs(self, output: ModelOutput) -> None:

@@ -99,8 +99,7 @@ class Sampler:
             for token in row.blocked_token_ids:
                 if token < vocab:
                     bias_rows.append(i), bias_cols.append(token), bias_vals.append(_NEG_INF)
-        penalized = [r.params.repetition_penalty != 1.0 or r.params.presence_penalty != 0.0
-                     or r.params.frequency_penalty != 0.0 for r in rows]
+        penalized = [r.params.penalized for r in rows]
         if not bias_rows and not any(penalized):
             return logits
         logits = logits.clone()
