@@ -29,7 +29,7 @@ from zili.errors import InvalidRequestError, ZiliError
 from zili.layers.sampler import Sampler, SamplerOutput, SamplingRow
 from zili.models.generation_config import GenerationDefaults
 from zili.models.tokenizer import Tokenizer
-from zili.outputs import RequestOutput
+from zili.outputs import Logprob, RequestOutput
 from zili.sampling_params import SamplingParams
 
 
@@ -209,18 +209,42 @@ class LLMEngine:
     def _process_steps(self, batch: SchedulerOutput, tokens: list[list[int]]) -> list[RequestOutput]:
         """Several greedy steps' tokens: append each sequence's in order until it finishes (the rest are
         dropped, as is what the model computed for them), advance the computed counts, then finish."""
+        progressed, failed, finished, appended = self._append_rows(
+            [c.seq for c in batch.chunks], [[(token_id, None) for token_id in row] for row in tokens])
+        self._counters["generation_tokens"] += appended
+        # every position that fed a kept token is computed (the last new token is not)
+        self.scheduler.update(SchedulerOutput([ScheduledChunk(c.seq, c.start, len(c.seq.token_ids) - 1 - c.start, True)
+                                               for c in batch.chunks]))
+        for seq in finished:
+            self._finish(seq)
+        return self._snapshots(progressed, failed)
+
+    def _process_samples(self, seqs: list[Sequence], sampled: SamplerOutput) -> list[RequestOutput]:
+        """Append each sampled token (detokenize, check stops, finish)."""
+        progressed, failed, finished, _ = self._append_rows(
+            seqs, [[(token_id, logprob)] for token_id, logprob in zip(sampled.token_ids, sampled.logprobs)])
+        for seq in finished:
+            self._finish(seq)
+        return self._snapshots(progressed, failed)
+
+    def _append_rows(self, seqs: list[Sequence], rows: list[list[tuple[int, Logprob | None]]]
+                     ) -> tuple[dict[str, Request], dict[str, Exception], list[Sequence], int]:
+        """Append each sequence's row of (token id, logprob) in order until the sequence finishes (the rest of
+        the row is dropped). A request whose output processing fails (a poison request) fails alone: its other
+        sequences are skipped. Returns the requests that progressed, those that failed, the sequences that
+        finished, and the number of tokens appended."""
         progressed: dict[str, Request] = {}
         failed: dict[str, Exception] = {}
         finished: list[Sequence] = []
-        for chunk, row in zip(batch.chunks, tokens):
-            seq = chunk.seq
+        appended = 0
+        for seq, row in zip(seqs, rows):
             request_id = seq.request.request_id
             if request_id in failed:
                 continue
             try:
-                for token_id in row:
-                    done = self.output_processor.append_token(seq, token_id, None)
-                    self._counters["generation_tokens"] += 1
+                for token_id, logprob in row:
+                    done = self.output_processor.append_token(seq, token_id, logprob)
+                    appended += 1
                     if done:
                         finished.append(seq)
                         break
@@ -228,32 +252,11 @@ class LLMEngine:
                 failed[request_id] = error
                 continue
             progressed[request_id] = seq.request
-        # every position that fed a kept token is computed (the last new token is not)
-        self.scheduler.update(SchedulerOutput([ScheduledChunk(c.seq, c.start, len(c.seq.token_ids) - 1 - c.start, True)
-                                               for c in batch.chunks]))
-        for seq in finished:
-            self._finish(seq)
-        outputs = [self.output_processor.snapshot(r) for i, r in progressed.items() if i not in failed]
-        if failed:
-            raise EngineStepError(list(failed), next(iter(failed.values())), outputs)
-        return outputs
+        return progressed, failed, finished, appended
 
-    def _process_samples(self, seqs: list[Sequence], sampled: SamplerOutput) -> list[RequestOutput]:
-        """Append each sampled token (detokenize, check stops, finish); a request whose output
-        processing fails (a poison request) fails alone, through EngineStepError."""
-        progressed: dict[str, Request] = {}
-        failed: dict[str, Exception] = {}
-        for seq, token_id, logprob in zip(seqs, sampled.token_ids, sampled.logprobs):
-            request_id = seq.request.request_id
-            if request_id in failed:
-                continue
-            try:
-                if self.output_processor.append_token(seq, token_id, logprob):
-                    self._finish(seq)
-            except Exception as error:  # noqa: BLE001 - isolate the request, keep the batch
-                failed[request_id] = error
-                continue
-            progressed[request_id] = seq.request
+    def _snapshots(self, progressed: dict[str, Request], failed: dict[str, Exception]) -> list[RequestOutput]:
+        """The progressed requests' snapshots; with failures, raised inside EngineStepError (which carries
+        them) for the failed requests."""
         outputs = [self.output_processor.snapshot(r) for i, r in progressed.items() if i not in failed]
         if failed:
             raise EngineStepError(list(failed), next(iter(failed.values())), outputs)
