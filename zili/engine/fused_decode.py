@@ -119,17 +119,21 @@ class FusedDecoder:
         streamed the weights through the caches, so the next op finds its code and data cold (~0.3 ms on
         the 2-core benchmark machine, ~3% of an int4 token)."""
         ids, where = torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long)
-        rope = self.model.model.rotary_emb.table(max(positions) + 1, torch.device("cpu")) if self.vocab_size else None
+        rope = self._rope(max(positions) + 1)
         if rope is None:  # no fused head, or a rotary table that depends on the sequence length
             return self.model.compute_logits(self.hidden_states(ids, where, block_tables)), None
         logits = torch.empty(len(input_ids), self.vocab_size, dtype=torch.float32)
         argmax = self.layers.step(ids, where, rope, self.cache.kv, self.cache.scales, block_tables, logits)
         return logits, argmax
 
+    def _rope(self, positions: int) -> torch.Tensor | None:
+        """The rotary table the one-call step reads for positions below `positions`, or None where that step
+        cannot run: no fused head, or a table that depends on the sequence length there."""
+        return self.model.model.rotary_emb.table(positions, torch.device("cpu")) if self.vocab_size else None
+
     def takes_steps(self, positions: int) -> bool:
-        """Whether greedy_steps runs over positions below `positions`: the head is fused and the rotary
-        table does not depend on the sequence length there."""
-        return bool(self.vocab_size) and self.model.model.rotary_emb.table(positions, torch.device("cpu")) is not None
+        """Whether greedy_steps runs over positions below `positions`."""
+        return self._rope(positions) is not None
 
     @torch.inference_mode()
     def greedy_steps(self, input_ids: list[int], positions: list[int], block_tables: torch.Tensor,
@@ -137,8 +141,7 @@ class FusedDecoder:
         """`count` greedy decode steps in one C++ call, each row's argmax its next input at the next position
         (block_tables must already hold those positions, and takes_steps(max(positions) + count) must hold)
         -> each row's `count` new tokens."""
-        rope = (self.model.model.rotary_emb.table(max(positions) + count, torch.device("cpu"))
-                if self.vocab_size else None)
+        rope = self._rope(max(positions) + count)
         if rope is None:
             raise ValueError("greedy_steps needs the fused head and a rotary table independent of the length")
         ids, where = torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long)
