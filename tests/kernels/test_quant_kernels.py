@@ -142,13 +142,15 @@ def test_dequantize_op_matches_the_pytorch_dequantization(cpu_kernels, bits, n, 
     assert ((bf16.float() - expected).abs() <= 2.0**-8 * expected.abs() + 1e-6 * expected.abs().max()).all()
 
 
-def test_bias_in_the_op(cpu_kernels):
-    weight = random_weight(8, 24, 128, 64)
-    kernel = CpuVnniInt8Kernel(weight)
-    x, bias = torch.randn(2, 128), torch.randn(24)
-    with_bias = cpu_kernels.linear_quant(x, kernel.weight, kernel.scales, kernel.zero_scales, 8, 64, bias)
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 9])  # tiles of 4, 2 and 1 weight rows
+def test_bias_in_the_op(cpu_kernels, bits, rows):
+    weight = random_weight(bits, 26, 128, 64)  # 26 rows: a tail after the 4-row tiles
+    kernel = (CpuVnniInt8Kernel if bits == 8 else CpuVnniInt4Kernel)(weight)
+    x, bias = torch.randn(rows, 128), torch.randn(26)
+    with_bias = cpu_kernels.linear_quant(x, kernel.weight, kernel.scales, kernel.zero_scales, bits, 64, bias)
     torch.testing.assert_close(with_bias, kernel(x) + bias, rtol=0, atol=1e-6)
-    with_bias = cpu_kernels.linear_quant(x, kernel.weight, kernel.scales, kernel.zero_scales, 8, 64, bias.bfloat16())
+    with_bias = cpu_kernels.linear_quant(x, kernel.weight, kernel.scales, kernel.zero_scales, bits, 64, bias.bfloat16())
     torch.testing.assert_close(with_bias, kernel(x) + bias.bfloat16().float(), rtol=0, atol=1e-6)
 
 
