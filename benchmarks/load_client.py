@@ -6,6 +6,10 @@ N concurrent streams, each a distinct short prompt and a fixed number of new tok
 first token) / (tokens - 1)); per round: throughput = all new tokens / wall time. Token counts
 come from the final usage chunk when the server sends one, else from the number of chunks.
 
+The client is aiohttp: it shares the 2 cores with the server under test, and per streamed token it
+costs about a third of httpx's CPU (31 vs 101-119 us with the tiny demo model, 124 vs 275-285 us
+under the benchmark's load), time the server's compute threads would otherwise lose to it.
+
     python benchmarks/load_client.py --base-url http://127.0.0.1:8000 --model m --streams 16 --reps 3
 """
 from __future__ import annotations
@@ -17,7 +21,7 @@ import random
 import sys
 import time
 
-import httpx
+import aiohttp
 
 from common import emit, median, percentile
 
@@ -30,19 +34,19 @@ def make_prompts(count: int, words: int, seed: int = 0) -> list[str]:
             for _ in range(count)]
 
 
-async def one_stream(client: httpx.AsyncClient, url: str, body: dict) -> dict:
+async def one_stream(session: aiohttp.ClientSession, url: str, body: dict) -> dict:
     sent = time.perf_counter()
     token_times: list[float] = []
     usage_tokens = None
-    async with client.stream("POST", url, json=body) as response:
-        if response.status_code != 200:
-            detail = (await response.aread()).decode(errors="replace")[:300]
-            raise RuntimeError(f"HTTP {response.status_code}: {detail}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data:"):
+    async with session.post(url, json=body) as response:
+        if response.status != 200:
+            detail = (await response.read()).decode(errors="replace")[:300]
+            raise RuntimeError(f"HTTP {response.status}: {detail}")
+        async for line in response.content:  # one SSE line at a time
+            if not line.startswith(b"data:"):
                 continue
             data = line[5:].strip()
-            if data == "[DONE]":
+            if data == b"[DONE]":
                 break
             chunk = json.loads(data)
             if chunk.get("choices"):
@@ -60,10 +64,11 @@ async def one_stream(client: httpx.AsyncClient, url: str, body: dict) -> dict:
 async def one_round(base_url: str, model: str, prompts: list[str], max_tokens: int, timeout_s: float) -> dict:
     body = {"model": model, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
-    limits = httpx.Limits(max_connections=len(prompts) + 4)
-    async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s, limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=len(prompts) + 4)
+    async with aiohttp.ClientSession(base_url=base_url, connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
         start = time.perf_counter()
-        requests = await asyncio.gather(*(one_stream(client, "/v1/completions", {**body, "prompt": p})
+        requests = await asyncio.gather(*(one_stream(session, "/v1/completions", {**body, "prompt": p})
                                           for p in prompts))
         wall = time.perf_counter() - start
     total = sum(r["tokens"] for r in requests)
