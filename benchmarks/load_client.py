@@ -8,7 +8,8 @@ come from the final usage chunk when the server sends one, else from the number 
 
 The client is aiohttp: it shares the 2 cores with the server under test, and per streamed token it
 costs about a third of httpx's CPU (31 vs 101-119 us with the tiny demo model, 124 vs 275-285 us
-under the benchmark's load), time the server's compute threads would otherwise lose to it.
+under the benchmark's load), time the server's compute threads would otherwise lose to it. It comes with
+the dev extras (pyproject.toml), which `make bench` installs before benchmarks/run.py imports this module.
 
     python benchmarks/load_client.py --base-url http://127.0.0.1:8000 --model m --streams 16 --reps 3
 """

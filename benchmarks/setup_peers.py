@@ -34,7 +34,6 @@ LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 BENCH_PACKAGES = {
     "sentencepiece": "sentencepiece",  # the benchmark tokenizer.model (llama.cpp converts it without a hash)
     "matplotlib": "matplotlib",        # the chart in docs/benchmarks.png
-    "aiohttp": "aiohttp",              # benchmarks/load_client.py: a third of httpx's CPU per streamed token
     "transformers": "transformers>=4.51,<5",  # checkpoint creation and the transformers peer
     "google.protobuf": "protobuf",     # transformers' tokenizer.model -> tokenizer.json conversion
     # convert_hf_to_gguf.py puts its own gguf-py on sys.path; these are gguf-py's requirements.
