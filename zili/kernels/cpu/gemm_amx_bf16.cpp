@@ -79,12 +79,6 @@ void configure_tiles() {
   config.load();
 }
 
-inline __m512 bias_vector(const Bias& bias, int64_t n) {
-  if (bias.data == nullptr) return _mm512_setzero_ps();
-  if (!bias.is_bf16) return _mm512_loadu_ps(static_cast<const float*>(bias.data) + n);
-  return load_bf16(static_cast<const uint16_t*>(bias.data) + n);
-}
-
 // In-register transpose of 16 rows of 16 floats, in 4 stages: the stage of bit h swaps, for every pair of
 // rows i, i + h (i without bit h), the columns with bit h of row i and those without it of row i + h.
 inline void transpose16(__m512 (&r)[16]) {
@@ -184,7 +178,7 @@ void amx_block(const uint32_t* xg, int64_t gstride, int64_t M, int64_t K, const 
   }
   alignas(64) float c[16 * 16];
   for (int a = 0; a < NA; ++a) {
-    const __m512 bv = bias_vector(bias, n0 + 16 * a);
+    const __m512 bv = bias.lanes(n0 + 16 * a);
     for (int b = 0; b < NB; ++b) {
       const int64_t rows = std::min<int64_t>(16, M - m0 - 16 * b);
       if (rows <= 0) continue;

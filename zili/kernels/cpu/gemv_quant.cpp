@@ -52,14 +52,6 @@ inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
   return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
 }
 
-// bias[n .. n + 3] as fp32 (zeros without a bias).
-inline __m128 bias4(const Bias& bias, int64_t n) {
-  if (bias.data == nullptr) return _mm_setzero_ps();
-  if (!bias.is_bf16) return _mm_loadu_ps(static_cast<const float*>(bias.data) + n);
-  const __m128i h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(bias.data) + n));
-  return _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16));
-}
-
 inline void store4(void* out, int64_t index, OutType type, __m128 values) {
   if (type == OutType::kBFloat16)
     _mm_storel_epi64(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + index),
@@ -169,7 +161,7 @@ void quant_tile(const QuantizedRows& xq, int64_t K, const uint8_t* w, const floa
       acc[r][m] = output_lanes(acc[r][m], per_channel, row_scales[r][0], zero_scales + (n0 + r) * G,
                                xq.group_terms + m * G, G);
   if constexpr (R == 4) {
-    const __m128 b = bias4(bias, n0);
+    const __m128 b = _mm512_castps512_ps128(bias.lanes(n0, 0xf));
     for (int m = 0; m < MB; ++m)
       store4(out, m * ldo + n0, out_type, _mm_add_ps(sum4(acc[0][m], acc[1][m], acc[2][m], acc[3][m]), b));
   } else {

@@ -64,6 +64,12 @@ struct Bias {
     if (data == nullptr) return 0.0f;
     return is_bf16 ? bf16_to_float(static_cast<const uint16_t*>(data)[n]) : static_cast<const float*>(data)[n];
   }
+  // bias[n .. n + 15] as fp32 lanes; lanes outside `mask`, and all of them without a bias, are 0.
+  __m512 lanes(int64_t n, __mmask16 mask = 0xffff) const {
+    if (data == nullptr) return _mm512_setzero_ps();
+    return is_bf16 ? load_bf16(static_cast<const uint16_t*>(data) + n, mask)
+                   : _mm512_maskz_loadu_ps(mask, static_cast<const float*>(data) + n);
+  }
 };
 
 inline void store(void* out, int64_t index, OutType type, float value) {
