@@ -10,7 +10,8 @@
 // The numerics follow zili/models/llama.py with bf16 activations: RMSNorm in fp32 rounded to bf16
 // then scaled by the bf16 weight, linears with bf16 outputs, act(gate) rounded before the product
 // with up, residual adds rounded to bf16; rotary rounds each product and their sum (rows.h);
-// attention computes in fp32 and rounds once.
+// attention computes in fp32 and rounds once (the AMX path multiplies the values by bf16 numerators, as
+// PyTorch's CPU flash attention does).
 // zili/engine/fused_decode.py decides when this path applies; the Python model is its oracle.
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
@@ -187,30 +188,17 @@ inline __m512 dot_run(const float* q, const float* keys, int64_t ld) {
   return sum_lanes(partial);
 }
 
-// Value rows for accumulate_values: 16 channels of row j from channel d on, as fp32 (lanes outside `mask` 0).
-struct WidenedRows {  // fp32 rows `ld` apart, zero-padded past the head size (widen_run)
-  const float* base;
-  int64_t ld;
-  __m512 load(int64_t j, int64_t d, __mmask16) const { return _mm512_loadu_ps(base + j * ld + d); }
-};
-struct CachedRows {  // bf16 rows read where they lie (the paged cache)
-  const uint16_t* const* rows;
-  __m512 load(int64_t j, int64_t d, __mmask16 mask) const { return load_bf16(rows[j] + d, mask); }
-};
-
 // acc (G rows of ld floats, columns [d, d + 16 NV)) += sum over j < n of p[g * p_g + j * p_j] * values row j
-// (D channels), with the G x NV accumulators in registers.
-template <int G, int NV, typename Rows>
-void accumulate_values(float* acc, int64_t ld, int64_t d, const float* p, int64_t p_g, int64_t p_j, const Rows& values,
-                       int64_t n, int64_t D) {
+// (fp32 rows `ld` apart, zero-padded past the head size: widen_run), with the G x NV accumulators in registers.
+template <int G, int NV>
+void accumulate_values(float* acc, int64_t ld, int64_t d, const float* p, int64_t p_g, int64_t p_j, const float* values,
+                       int64_t n) {
   __m512 a[G][NV];
-  __mmask16 masks[NV];
-  for (int c = 0; c < NV; ++c) masks[c] = tail_mask(D - d - 16 * c);
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < NV; ++c) a[g][c] = _mm512_loadu_ps(acc + g * ld + d + 16 * c);
   for (int64_t j = 0; j < n; ++j) {
     __m512 v[NV];
-    for (int c = 0; c < NV; ++c) v[c] = values.load(j, d + 16 * c, masks[c]);
+    for (int c = 0; c < NV; ++c) v[c] = _mm512_loadu_ps(values + j * ld + d + 16 * c);
     for (int g = 0; g < G; ++g) {
       const __m512 pg = _mm512_set1_ps(p[g * p_g + j * p_j]);
       for (int c = 0; c < NV; ++c) a[g][c] = _mm512_fmadd_ps(pg, v[c], a[g][c]);
@@ -220,25 +208,96 @@ void accumulate_values(float* acc, int64_t ld, int64_t d, const float* p, int64_
     for (int c = 0; c < NV; ++c) _mm512_storeu_ps(acc + g * ld + d + 16 * c, a[g][c]);
 }
 
-template <typename Rows>
-using AccumulateValues = void (*)(float*, int64_t, int64_t, const float*, int64_t, int64_t, const Rows&, int64_t,
-                                  int64_t);
+using AccumulateValues = void (*)(float*, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t);
 
-template <typename Rows, int G>
-constexpr AccumulateValues<Rows> kAccumulateByWidth[4] = {accumulate_values<G, 1, Rows>, accumulate_values<G, 2, Rows>,
-                                                          accumulate_values<G, 3, Rows>, accumulate_values<G, 4, Rows>};
+template <int G>
+constexpr AccumulateValues kAccumulateByWidth[4] = {accumulate_values<G, 1>, accumulate_values<G, 2>,
+                                                    accumulate_values<G, 3>, accumulate_values<G, 4>};
 
-// acc (groups rows of ld floats) += p @ values over n rows, up to 4 groups x 64 channels in registers at a time.
-template <typename Rows>
+// acc (groups rows of ld floats) += p @ values over n widened rows, up to 4 groups x 64 channels in registers at a
+// time.
 void add_weighted_values(float* acc, int64_t ld, int64_t groups, const float* p, int64_t p_g, int64_t p_j,
-                         const Rows& values, int64_t n, int64_t D) {
-  static constexpr const AccumulateValues<Rows>* kByGroups[4] = {
-      kAccumulateByWidth<Rows, 1>, kAccumulateByWidth<Rows, 2>, kAccumulateByWidth<Rows, 3>, kAccumulateByWidth<Rows, 4>};
+                         const float* values, int64_t n) {
+  static constexpr const AccumulateValues* kByGroups[4] = {kAccumulateByWidth<1>, kAccumulateByWidth<2>,
+                                                           kAccumulateByWidth<3>, kAccumulateByWidth<4>};
   for (int64_t g = 0; g < groups; g += 4) {
     const int64_t G = std::min<int64_t>(4, groups - g);
     for (int64_t d = 0; d < ld; d += 64) {
       const int64_t width = std::min<int64_t>(4, (ld - d) / 16);
-      kByGroups[G - 1][width - 1](acc + g * ld, ld, d, p + g * p_g, p_g, p_j, values, n, D);
+      kByGroups[G - 1][width - 1](acc + g * ld, ld, d, p + g * p_g, p_g, p_j, values, n);
+    }
+  }
+}
+
+// Element 2g <- element g, 2g + 1 <- element 16 + g: two rows of 16 bf16 into 16 pairs, the first row's
+// value in each pair's low half.
+const __m512i kPairUp = [] {
+  alignas(64) uint16_t order[32];
+  for (int g = 0; g < 16; ++g) {
+    order[2 * g] = static_cast<uint16_t>(g);
+    order[2 * g + 1] = static_cast<uint16_t>(16 + g);
+  }
+  return _mm512_load_si512(order);
+}();
+
+// acc rows g < G (ld floats), channels [d, d + 32 NB) (within ld) = sum over the n positions of
+// p[g][j] * values[j][channel], two positions a vdpbf16ps: the values of positions 2i and 2i + 1 interleave
+// channel by channel (unpacklo / unpackhi within 128-bit lanes, which orders the lanes 0-3, 8-11, .. and
+// 4-7, 12-15, ..; the stores put the channels back in order).
+template <int G, int NB>
+void weighted_values_bf16(float* acc, int64_t ld, int64_t d, const uint32_t* pairs, int64_t pairs_ld,
+                          const uint16_t* const* values, int64_t n, int64_t D) {
+  __m512 a[G][2 * NB];
+  __mmask32 masks[NB];
+  for (int b = 0; b < NB; ++b) {
+    const int64_t left = D - d - 32 * b;
+    masks[b] = left >= 32 ? ~__mmask32{0} : (__mmask32{1} << left) - 1;
+    for (int g = 0; g < G; ++g) a[g][2 * b] = a[g][2 * b + 1] = _mm512_setzero_ps();
+  }
+  for (int64_t i = 0; 2 * i < n; ++i) {
+    const uint16_t* first = values[2 * i];
+    const uint16_t* second = 2 * i + 1 < n ? values[2 * i + 1] : first;
+    __m512i lo[NB], hi[NB];
+    for (int b = 0; b < NB; ++b) {
+      const __m512i x = _mm512_maskz_loadu_epi16(masks[b], first + d + 32 * b);
+      const __m512i y = _mm512_maskz_loadu_epi16(2 * i + 1 < n ? masks[b] : 0, second + d + 32 * b);  // 0: odd tail
+      lo[b] = _mm512_unpacklo_epi16(x, y);
+      hi[b] = _mm512_unpackhi_epi16(x, y);
+    }
+    for (int g = 0; g < G; ++g) {
+      const __m512bh pair = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(pairs[i * pairs_ld + g])));
+      for (int b = 0; b < NB; ++b) {
+        a[g][2 * b] = _mm512_dpbf16_ps(a[g][2 * b], reinterpret_cast<__m512bh>(lo[b]), pair);
+        a[g][2 * b + 1] = _mm512_dpbf16_ps(a[g][2 * b + 1], reinterpret_cast<__m512bh>(hi[b]), pair);
+      }
+    }
+  }
+  const __m512i first16 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second16 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int g = 0; g < G; ++g) {
+    for (int b = 0; b < NB; ++b) {
+      float* out = acc + g * ld + d + 32 * b;
+      _mm512_storeu_ps(out, _mm512_permutex2var_ps(a[g][2 * b], first16, a[g][2 * b + 1]));
+      if (d + 32 * b + 16 < ld) _mm512_storeu_ps(out + 16, _mm512_permutex2var_ps(a[g][2 * b], second16, a[g][2 * b + 1]));
+    }
+  }
+}
+
+using WeightedValuesBf16 = void (*)(float*, int64_t, int64_t, const uint32_t*, int64_t, const uint16_t* const*, int64_t,
+                                    int64_t);
+constexpr WeightedValuesBf16 kWeightedValuesBf16[4][2] = {
+    {weighted_values_bf16<1, 1>, weighted_values_bf16<1, 2>}, {weighted_values_bf16<2, 1>, weighted_values_bf16<2, 2>},
+    {weighted_values_bf16<3, 1>, weighted_values_bf16<3, 2>}, {weighted_values_bf16<4, 1>, weighted_values_bf16<4, 2>}};
+
+// acc (groups rows of ld floats, all written) = p @ values over n positions read in place (bf16 rows of D
+// channels), p given as bf16 pairs of positions (pair i of head g at pairs[i * pairs_ld + g]); up to 4 heads x
+// 64 channels in registers at a time.
+void add_values_bf16(float* acc, int64_t ld, int64_t groups, const uint32_t* pairs, int64_t pairs_ld,
+                     const uint16_t* const* values, int64_t n, int64_t D) {
+  for (int64_t g = 0; g < groups; g += 4) {
+    const int64_t G = std::min<int64_t>(4, groups - g);
+    for (int64_t d = 0; d < D; d += 64) {
+      kWeightedValuesBf16[G - 1][D - d > 32 ? 1 : 0](acc + g * ld, ld, d, pairs + g, pairs_ld, values, n, D);
     }
   }
 }
@@ -257,13 +316,14 @@ bool amx_attention(bool int8_cache, int64_t head_dim) {
 // cache. Fills acc (groups rows of ld floats: the softmax numerators times the values) and sums (the
 // numerators' sums), as the vector path does. The scores come in runs of 16 positions aligned to multiples
 // of 16, which lie in one cache block when the block size is a multiple of 16 and are then read in place;
-// otherwise their keys are gathered first. The values are read in place, in position order as the vector
-// path adds them.
+// otherwise their keys are gathered first. The values are read in place, two positions per bf16 dot product
+// (the numerators rounded to bf16 for it; the vector path keeps them in fp32).
 void attend_amx(const uint16_t* q, int64_t groups, int64_t D, int64_t ld, const PagedCache& cache, int64_t h,
                 const int64_t* table, int64_t start, int64_t length, float scale, float* acc, float* sums) {
   thread_local std::vector<const uint16_t*> keys, values;
   thread_local std::vector<uint16_t> gathered;
   thread_local std::vector<float> scores;
+  thread_local std::vector<uint32_t> pairs;
   const int64_t bs = cache.block_size, count = length - start, first = start / 16 * 16;
   const int64_t runs = (length - first + 15) / 16, scores_ld = (groups + 15) / 16 * 16;
   values.resize(count);
@@ -291,28 +351,30 @@ void attend_amx(const uint16_t* q, int64_t groups, int64_t D, int64_t ld, const 
   }
   scores.resize(runs * 16 * scores_ld);
   amx_attention_scores(q, D, groups, D, keys.data(), D, runs, scores.data(), scores_ld);
-  // softmax numerators over the context's rows, 16 heads a vector
-  float* s = scores.data() + (start - first) * scores_ld;
+  // Softmax numerators over the context's rows, 16 heads a vector, summed in fp32 and kept as bf16 pairs of
+  // positions for the values' dot products: rounded to bf16 as PyTorch's CPU flash attention rounds them
+  // before its p @ v.
+  const float* s = scores.data() + (start - first) * scores_ld;
   const __m512 scale_v = _mm512_set1_ps(scale);
+  pairs.resize(static_cast<size_t>((count + 1) / 2 * scores_ld));
   for (int64_t h0 = 0; h0 < groups; h0 += 16) {
     __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int64_t i = 0; i < count; ++i) {
-      const __m512 scaled = _mm512_mul_ps(_mm512_loadu_ps(s + i * scores_ld + h0), scale_v);
-      _mm512_storeu_ps(s + i * scores_ld + h0, scaled);
-      top = _mm512_max_ps(top, scaled);
-    }
+    for (int64_t i = 0; i < count; ++i) top = _mm512_max_ps(top, _mm512_loadu_ps(s + i * scores_ld + h0));
+    auto numerator = [&](int64_t i) {  // exp(scale (score - top)); scale > 0, so this is exp(x - max x)
+      return exp16(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(s + i * scores_ld + h0), top), scale_v));
+    };
     __m512 sum = _mm512_setzero_ps();
-    for (int64_t i = 0; i < count; ++i) {
-      const __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + i * scores_ld + h0), top));
-      _mm512_storeu_ps(s + i * scores_ld + h0, p);
-      sum = _mm512_add_ps(sum, p);
+    for (int64_t i = 0; i < count; i += 2) {
+      const __m512 p0 = numerator(i), p1 = i + 1 < count ? numerator(i + 1) : _mm512_setzero_ps();
+      sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
+      const __m512i both = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(p1, p0));  // [p0 | p1] as bf16
+      _mm512_storeu_si512(pairs.data() + i / 2 * scores_ld + h0, _mm512_permutexvar_epi16(kPairUp, both));
     }
     alignas(64) float lanes[16];
     _mm512_store_ps(lanes, sum);
     for (int64_t g = h0; g < std::min<int64_t>(groups, h0 + 16); ++g) sums[g] = lanes[g - h0];
   }
-  std::fill(acc, acc + groups * ld, 0.0f);
-  add_weighted_values(acc, ld, groups, s, 1, scores_ld, CachedRows{values.data()}, count, D);
+  add_values_bf16(acc, ld, groups, pairs.data(), scores_ld, values.data(), count, D);
 }
 
 struct AttentionShape {
@@ -407,7 +469,7 @@ void attention(uint16_t* qkv, int64_t B, const AttentionShape& shape, const Page
       for (int64_t r = 0; r < count; r += kRun) {
         const int64_t n = std::min(kRun, count - r);
         widen_run(cache, 1, h, start + r, n, slot_of, run.data(), ld);
-        add_weighted_values(acc.data(), ld, groups, scores.data() + r, padded, 1, WidenedRows{run.data(), ld}, n, D);
+        add_weighted_values(acc.data(), ld, groups, scores.data() + r, padded, 1, run.data(), n);
       }
       write_output(b, h);
     }
