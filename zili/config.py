@@ -239,8 +239,9 @@ class SchedulerConfig:
     num_scheduler_steps: int = 1
     """Decode steps per engine step for batches of plain greedy decodes (vLLM's multi-step
     scheduling): the fused C++ step feeds each row's argmax back as its next input, so Python runs
-    once per `num_scheduler_steps` tokens. Streams then receive tokens in groups, and requests that
-    arrive meanwhile wait up to that many steps to start. 1: every step returns to the engine."""
+    once per `num_scheduler_steps` tokens. A group ends early after a step in which a row produced a
+    stop token. Streams then receive tokens in groups, and requests that arrive meanwhile wait up to
+    that many steps to start. 1: every step returns to the engine."""
 
     def __post_init__(self):
         _require(isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1,

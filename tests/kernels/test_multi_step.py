@@ -9,6 +9,8 @@ hit on blocks that were filled during groups checks what they hold.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pytest
 import torch
 from tiny_models import make_checkpoint
@@ -27,18 +29,25 @@ def folder(tmp_path_factory):
                            dtype=torch.bfloat16)
 
 
+class GroupCall(NamedTuple):
+    count: int                   # steps asked for
+    stop_ids: list[list[int]]    # each row's stop tokens
+    rows: list[list[int]]        # each row's tokens from the steps that ran
+
+
 @pytest.fixture
-def group_calls(monkeypatch):
-    """The `count` of every fused call that ran several steps."""
-    counts: list[int] = []
+def group_calls(monkeypatch) -> list[GroupCall]:
+    """Every fused call that ran several steps."""
+    calls: list[GroupCall] = []
     original = FusedDecoder.greedy_steps
 
-    def spy(self, input_ids, positions, block_tables, count):
-        counts.append(count)
-        return original(self, input_ids, positions, block_tables, count)
+    def spy(self, input_ids, positions, block_tables, count, stop_ids):
+        rows = original(self, input_ids, positions, block_tables, count, stop_ids)
+        calls.append(GroupCall(count, stop_ids, rows))
+        return rows
 
     monkeypatch.setattr(FusedDecoder, "greedy_steps", spy)
-    return counts
+    return calls
 
 
 def generate(folder, steps: int, prompts, params, **options) -> dict[str, tuple]:
@@ -63,7 +72,9 @@ def test_groups_of_greedy_steps_give_the_single_steps_tokens(folder, cpu_kernels
     expected = generate(folder, 1, PROMPTS, params)
     assert not group_calls
     assert generate(folder, steps, PROMPTS, params) == expected
-    assert group_calls and max(group_calls) == steps and min(group_calls) >= 2
+    counts = [call.count for call in group_calls]
+    assert counts and max(counts) == steps and min(counts) >= 2
+    assert all(len(row) == call.count for call in group_calls for row in call.rows)  # no stop token: every step runs
 
 
 def test_stops_inside_a_group_end_the_request_where_single_steps_do(folder, cpu_kernels, group_calls):
@@ -81,6 +92,32 @@ def test_stops_inside_a_group_end_the_request_where_single_steps_do(folder, cpu_
     assert any(reason == "stop" for _, _, reason, _ in expected.values())
     assert generate(folder, 8, PROMPTS, params) == expected
     assert group_calls
+
+
+def test_a_group_ends_at_the_first_stop_token_of_any_row(folder, cpu_kernels, group_calls):
+    free = generate(folder, 1, PROMPTS, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
+    # row 1 stops on a token first met 9 or more tokens in (inside a later group of 8); the others run on
+    ids = free["r1"][0]
+    at = next(j for j in range(9, len(ids)) if ids[j] not in ids[:j])
+    stop = ids[at]
+    params = [SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True,
+                             stop_token_ids=[stop] if i == 1 else []) for i in range(len(PROMPTS))]
+    expected = generate(folder, 1, PROMPTS, params)
+    assert expected["r1"][2] == "stop" and len(expected["r1"][0]) == at + 1
+    assert generate(folder, 8, PROMPTS, params) == expected
+    ended = 0
+    for call in group_calls:
+        steps = {len(row) for row in call.rows}
+        assert len(steps) == 1 and 1 <= steps.pop() <= call.count  # every row ran the same steps
+        hits = [next((j for j, token in enumerate(row) if token in stops), None)
+                for row, stops in zip(call.rows, call.stop_ids)]
+        first = min((j for j in hits if j is not None), default=None)
+        if first is None:
+            assert all(len(row) == call.count for row in call.rows)
+        else:  # the group's last step is the first that produced a stop token
+            assert all(len(row) == first + 1 for row in call.rows)
+            ended += first + 1 < call.count
+    assert ended >= 1, "no group ended early"
 
 
 def test_groups_stop_at_max_model_len_and_with_eos(folder, cpu_kernels, group_calls):

@@ -137,15 +137,19 @@ class FusedDecoder:
 
     @torch.inference_mode()
     def greedy_steps(self, input_ids: list[int], positions: list[int], block_tables: torch.Tensor,
-                     count: int) -> list[list[int]]:
-        """`count` greedy decode steps in one C++ call, each row's argmax its next input at the next position
+                     count: int, stop_ids: list[list[int]]) -> list[list[int]]:
+        """Up to `count` greedy decode steps in one C++ call, each row's argmax its next input at the next position
         (block_tables must already hold those positions, and takes_steps(max(positions) + count) must hold)
-        -> each row's `count` new tokens."""
+        -> each row's new tokens. The call ends after the first step in which any row produced one of its
+        `stop_ids` (its sequence is done: the group stops there, not count steps later), so rows may get
+        fewer than `count` tokens, all the same number."""
         rope = self._rope(max(positions) + count)
         if rope is None:
             raise ValueError("greedy_steps needs the fused head and a rotary table independent of the length")
         ids, where = torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long)
+        width = max((len(row) for row in stop_ids), default=0)
+        stops = torch.tensor([row + [-1] * (width - len(row)) for row in stop_ids], dtype=torch.long).view(len(input_ids), width)
         logits = torch.empty(len(input_ids), self.vocab_size, dtype=torch.float32)
-        flat = self.layers.steps(ids, where, rope, self.cache.kv, self.cache.scales, block_tables, logits, count)
+        flat = self.layers.steps(ids, where, rope, self.cache.kv, self.cache.scales, block_tables, logits, count, stops)
         rows = len(input_ids)
         return [flat[b::rows] for b in range(rows)]

@@ -161,7 +161,8 @@ class LLMEngine:
                 if self.fault_hook is not None:
                     self.fault_hook(chunk.seq)
             if count > 1:
-                tokens = self.runner.execute_greedy_steps(batch, count)
+                tokens = self.runner.execute_greedy_steps(
+                    batch, count, [self.output_processor.stop_token_ids(c.seq) for c in batch.chunks])
             else:
                 model_output = self.runner.execute(batch)
                 sampled = self.sampler(model_output.sample_logits,
@@ -208,7 +209,8 @@ class LLMEngine:
 
     def _process_steps(self, batch: SchedulerOutput, tokens: list[list[int]]) -> list[RequestOutput]:
         """Several greedy steps' tokens: append each sequence's in order until it finishes (the rest are
-        dropped, as is what the model computed for them), advance the computed counts, then finish."""
+        dropped, as is what the model computed for them: the group itself ended at the first stop token, so
+        only a stop string can end a sequence inside it), advance the computed counts, then finish."""
         progressed, failed, finished, appended = self._append_rows(
             [c.seq for c in batch.chunks], [[(token_id, None) for token_id in row] for row in tokens])
         self._counters["generation_tokens"] += appended

@@ -94,14 +94,15 @@ class ModelRunner:
                            argmax[:num_samples] if argmax is not None else None)
 
     @torch.inference_mode()
-    def execute_greedy_steps(self, out: SchedulerOutput, count: int) -> list[list[int]]:
-        """`count` greedy decode steps of a batch of decodes in one fused call: per chunk, its `count` new
-        tokens. The engine checked that the fused step takes the batch (FusedDecoder.takes_steps, max_batch)
-        and gave each sequence the blocks for them."""
+    def execute_greedy_steps(self, out: SchedulerOutput, count: int, stop_ids: list[list[int]]) -> list[list[int]]:
+        """Up to `count` greedy decode steps of a batch of decodes in one fused call: per chunk, its new tokens
+        (the group ends after the first step in which a chunk produced one of its `stop_ids`). The engine
+        checked that the fused step takes the batch (FusedDecoder.takes_steps, max_batch) and gave each
+        sequence the blocks for `count` steps."""
         chunks = out.chunks
         tables = padded_block_tables([c.seq.block_table for c in chunks], self.kv_cache.pad_block)
         return self.fused.greedy_steps([c.seq.token_ids[c.start] for c in chunks], [c.start for c in chunks], tables,
-                                       count)
+                                       count, stop_ids)
 
     def _fused_decode(self, chunks, input_ids: list[int], positions: list[int]) -> tuple[torch.Tensor, list[int] | None]:
         tables = padded_block_tables([c.seq.block_table for c in chunks], self.kv_cache.pad_block)

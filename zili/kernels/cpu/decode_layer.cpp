@@ -836,16 +836,25 @@ struct DecodeLayers : torch::CustomClassHolder {
     return tokens;
   }
 
-  // `count` greedy decode steps in one call: after each step, each row's argmax is its next input, at the next
-  // position. block_tables must hold positions through positions + count - 1 and rope must reach them (each
-  // step checks). Returns the count x B tokens, step by step; `logits` holds the last step's.
+  // Up to `count` greedy decode steps in one call: after each step, each row's argmax is its next input, at the
+  // next position. block_tables must hold positions through positions + count - 1 and rope must reach them (each
+  // step checks). stop_ids (B, S) int64: row b's stop tokens, padded with -1 (S may be 0); the call ends after
+  // the first step in which any row produced one of its own, so no step runs past a finished sequence and its
+  // slot is free for the next group. Returns the tokens of the steps run (B per step), step by step; `logits`
+  // holds the last step's.
   std::vector<int64_t> steps(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& rope,
                              const at::Tensor& kv, const std::optional<at::Tensor>& kv_scales,
-                             const at::Tensor& block_tables, const at::Tensor& logits, int64_t count) const {
+                             const at::Tensor& block_tables, const at::Tensor& logits, int64_t count,
+                             const at::Tensor& stop_ids) const {
     TORCH_CHECK(count >= 1, "DecodeLayers.steps: count must be at least 1, not ", count);
     TORCH_CHECK(input_ids.scalar_type() == at::kLong && positions.scalar_type() == at::kLong,
                 "input_ids and positions must be int64");
+    TORCH_CHECK(stop_ids.scalar_type() == at::kLong && stop_ids.dim() == 2 && stop_ids.size(0) == input_ids.numel(),
+                "stop_ids must be an int64 (B, S) tensor");
     at::Tensor ids = input_ids.contiguous().clone(), where = positions.contiguous().clone();
+    const at::Tensor stops = stop_ids.contiguous();
+    const int64_t* stop = stops.data_ptr<int64_t>();
+    const int64_t width = stops.size(1);
     std::vector<int64_t> all;
     all.reserve(static_cast<size_t>(count * ids.numel()));
     for (int64_t s = 0; s < count; ++s) {
@@ -853,10 +862,14 @@ struct DecodeLayers : torch::CustomClassHolder {
       all.insert(all.end(), tokens.begin(), tokens.end());
       int64_t* id = ids.data_ptr<int64_t>();
       int64_t* position = where.data_ptr<int64_t>();
+      bool stopped = false;
       for (size_t b = 0; b < tokens.size(); ++b) {
         id[b] = tokens[b];
         position[b] += 1;
+        const int64_t* row = stop + static_cast<int64_t>(b) * width;
+        stopped = stopped || std::find(row, row + width, tokens[b]) != row + width;
       }
+      if (stopped) break;
     }
     return all;
   }
