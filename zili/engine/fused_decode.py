@@ -148,7 +148,7 @@ class FusedDecoder:
             raise ValueError("greedy_steps needs the fused head and a rotary table independent of the length")
         ids, where = torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long)
         width = max((len(row) for row in stop_ids), default=0)
-        stops = torch.tensor([row + [-1] * (width - len(row)) for row in stop_ids], dtype=torch.long).view(len(input_ids), width)
+        stops = torch.tensor([row + [-1] * (width - len(row)) for row in stop_ids], dtype=torch.long)  # (B, width)
         logits = torch.empty(len(input_ids), self.vocab_size, dtype=torch.float32)
         flat = self.layers.steps(ids, where, rope, self.cache.kv, self.cache.scales, block_tables, logits, count, stops)
         rows = len(input_ids)

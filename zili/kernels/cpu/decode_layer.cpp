@@ -277,8 +277,9 @@ void weighted_values_bf16(float* acc, int64_t ld, int64_t d, const uint32_t* pai
   for (int g = 0; g < G; ++g) {
     for (int b = 0; b < NB; ++b) {
       float* out = acc + g * ld + d + 32 * b;
-      _mm512_storeu_ps(out, _mm512_permutex2var_ps(a[g][2 * b], first16, a[g][2 * b + 1]));
-      if (d + 32 * b + 16 < ld) _mm512_storeu_ps(out + 16, _mm512_permutex2var_ps(a[g][2 * b], second16, a[g][2 * b + 1]));
+      const __m512 lo = a[g][2 * b], hi = a[g][2 * b + 1];
+      _mm512_storeu_ps(out, _mm512_permutex2var_ps(lo, first16, hi));
+      if (d + 32 * b + 16 < ld) _mm512_storeu_ps(out + 16, _mm512_permutex2var_ps(lo, second16, hi));
     }
   }
 }
