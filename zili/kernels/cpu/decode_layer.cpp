@@ -250,8 +250,7 @@ void weighted_values_bf16(float* acc, int64_t ld, int64_t d, const uint32_t* pai
   __m512 a[G][2 * NB];
   __mmask32 masks[NB];
   for (int b = 0; b < NB; ++b) {
-    const int64_t left = D - d - 32 * b;
-    masks[b] = left >= 32 ? ~__mmask32{0} : (__mmask32{1} << left) - 1;
+    masks[b] = tail_mask32(D - d - 32 * b);
     for (int g = 0; g < G; ++g) a[g][2 * b] = a[g][2 * b + 1] = _mm512_setzero_ps();
   }
   for (int64_t i = 0; 2 * i < n; ++i) {

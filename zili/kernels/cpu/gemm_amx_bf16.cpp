@@ -105,8 +105,7 @@ void pack_x(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, ui
   const int64_t group_size = Kp / 2 * 16;
   for (int64_t g = 0; g * 16 < M; ++g) {
     for (int64_t k = 0; k < Kp; k += 32) {
-      const int64_t left = K - k;  // > 0: Kp - K < 32
-      const __mmask32 mask = left >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << left) - 1);
+      const __mmask32 mask = tail_mask32(K - k);  // K - k > 0: Kp - K < 32
       __m512 r[16];
       for (int j = 0; j < 16; ++j) {
         const int64_t m = g * 16 + j;

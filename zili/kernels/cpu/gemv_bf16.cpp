@@ -36,7 +36,7 @@ void bf16_tile(const uint16_t* x, int64_t ldx, int64_t K, const uint16_t* w, int
     }
   }
   if (k < K) {  // masked tail: the lanes past K load as zero
-    const __mmask32 mask = static_cast<__mmask32>((1ull << (K - k)) - 1);
+    const __mmask32 mask = tail_mask32(K - k);
     __m512bh wv[R];
     for (int r = 0; r < R; ++r) wv[r] = as_bh(_mm512_maskz_loadu_epi16(mask, rows[r] + k));
     for (int m = 0; m < MB; ++m) {

@@ -46,6 +46,11 @@ inline __mmask16 tail_mask(int64_t remaining) {
   return remaining >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << remaining) - 1);
 }
 
+// The same for 32 lanes (32 bf16 values a vector).
+inline __mmask32 tail_mask32(int64_t remaining) {
+  return remaining >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << remaining) - 1);
+}
+
 // 16 bf16 values as fp32 lanes (exact: bf16 is the high half of an fp32).
 inline __m512 widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
 
