@@ -127,3 +127,44 @@ def test_rows_rule_matches_the_path_the_kernel_takes(path):
     # AMX: the kernels take batched decode up to 64 rows; gemv_bf16 alone beats oneDNN up to 8 only
     assert limit == (64 if ops.bf16_matmul_path(limit, 896) == "amx" else 8)
     assert cpu_ext.has_amx() == (ops.bf16_matmul_path(limit, 896) == "amx")
+
+
+def gated_reference(ops, x, w, bias):
+    """The unfused path: the bf16 gate_up matmul, then the SiLU gate row op."""
+    return ops.gated_activation(ops.linear_bf16(x, w, bias), 0)
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 16, 33])  # fused up to 8 rows; more take the matmul, then the gate
+@pytest.mark.parametrize("k,i", [(896, 64), (100, 48), (33, 16), (4864 + 7, 32)])
+def test_silu_gated_matmul_is_bit_for_bit_the_matmul_then_the_gate(path, m, k, i):
+    ops = path("amx")
+    x, w, b = bf16_case(m, k, 2 * i, seed=m * 100 + k + i)
+    for bias in (None, b, b.float()):
+        fused = ops.linear_bf16_silu_gated(x, w, bias)
+        assert fused.shape == (m, i) and fused.dtype == torch.bfloat16
+        assert torch.equal(fused, gated_reference(ops, x, w, bias))
+    gate, up = (x.double() @ w.double().t() + b.double()).chunk(2, dim=-1)  # the last one (bias b) near exact
+    exact = F.silu(gate) * up
+    assert torch.allclose(fused.double(), exact, rtol=0.02, atol=0.02 * exact.abs().max().item())
+
+
+def test_silu_gated_matmul_splits_alike_on_any_number_of_threads(path):
+    ops = path("amx")
+    x, w, b = bf16_case(8, 896, 2 * 4864)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        y2 = ops.linear_bf16_silu_gated(x, w, b)
+        torch.set_num_threads(1)
+        y1 = ops.linear_bf16_silu_gated(x, w, b)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(y1, y2) and torch.equal(y2, gated_reference(ops, x, w, b))
+
+
+def test_silu_gated_matmul_falls_back_where_it_cannot_fuse(path):
+    ops = path("gemv")  # no AMX path: linear_bf16 then the gate
+    x, w, b = bf16_case(5, 96, 2 * 40, seed=3)
+    assert torch.equal(ops.linear_bf16_silu_gated(x, w, b), gated_reference(ops, x, w, b))
+    ops = path("amx")  # I = 40 is not a multiple of 16 tiles' rows
+    assert torch.equal(ops.linear_bf16_silu_gated(x, w, b), gated_reference(ops, x, w, b))

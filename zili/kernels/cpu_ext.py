@@ -126,6 +126,8 @@ def _register_fake_kernels() -> None:
 
     torch.library.register_fake("zili_cpu::linear_bf16", linear_shape)
     torch.library.register_fake("zili_cpu::linear_quant", linear_shape)
+    torch.library.register_fake("zili_cpu::linear_bf16_silu_gated",
+                                lambda x, weight, bias: x.new_empty(x.shape[0], weight.shape[0] // 2))
     torch.library.register_fake("zili_cpu::dequantize", dequantize_shape)
     torch.library.register_fake("zili_cpu::rms_norm", lambda x, weight, eps: torch.empty_like(x))
     torch.library.register_fake("zili_cpu::gated_activation",
@@ -178,6 +180,13 @@ def use_row_kernel(*tensors: torch.Tensor, strided: tuple[torch.Tensor, ...] = (
 def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) bf16/fp32 @ weight (N, K) bf16 .T (+ bias) -> (M, N) in x's dtype."""
     return torch.ops.zili_cpu.linear_bf16(x, weight, bias)
+
+
+def linear_bf16_silu_gated(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """bf16 x (M, K), weight (2I, K) = [gate | up] -> bf16(bf16(silu(gate)) * up) (M, I), gate and up = x @ their
+    rows .T (+ bias) rounded to bf16: the fused decode layers' gate_up and gate in one pass on AMX (bit for bit
+    linear_bf16 then gated_activation, which it runs where AMX does not apply)."""
+    return torch.ops.zili_cpu.linear_bf16_silu_gated(x, weight, bias)
 
 
 def linear_quant(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zero_scales: torch.Tensor,

@@ -655,8 +655,14 @@ void run_layer(const Layer& l, uint16_t* x, int64_t B, const PagedCache& cache, 
   add_residual(projected);
 
   rms_norm(x, H, B, H, data(l.post_norm), l.eps, normed, H);
-  run_linear(l.linears[2], normed, B, H, gate_up);
-  gate(l.activation, gate_up, B, intermediate, gated);
+  const Linear& gate_up_linear = l.linears[2];
+  if (l.activation == Activation::kSilu && gate_up_linear.bits == 16 && silu_gate_fusable(B, H, intermediate)) {
+    linear_bf16_silu_gated_threads(normed, B, H, static_cast<const uint16_t*>(gate_up_linear.weight->data_ptr()),
+                                   intermediate, bias_of(gate_up_linear), gated);
+  } else {
+    run_linear(gate_up_linear, normed, B, H, gate_up);
+    gate(l.activation, gate_up, B, intermediate, gated);
+  }
   run_linear(l.linears[3], gated, B, intermediate, projected);
   add_residual(projected);
 }

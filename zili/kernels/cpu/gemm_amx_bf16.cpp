@@ -28,6 +28,7 @@
 
 #include "amx_tiles.h"
 #include "kernels.h"
+#include "rows.h"
 
 namespace zili_cpu {
 namespace {
@@ -118,43 +119,21 @@ void pack_x(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, ui
   }
 }
 
-// c: a stored C tile (16 rows of W x 16 rows of x, fp32) -> out rows m0 .. m0 + rows - 1, columns n0 .. n0 + 15.
-// Output row j is column j of c: one strided gather per row. A 16 x 16 transpose in registers (64 permutes a
-// tile) instead held back the weight stream: the bench model's decode step, 2 threads, same build alternated,
-// took 36.9 -> 34.8 ms at batch 1, 44.3 -> 42.2 at 16 rows and 72.9 -> 67.7 at 48 with the gathers.
-inline void write_tile(const float* c, int64_t rows, int64_t m0, int64_t n0, __m512 bias, void* out, int64_t ldo,
-                       OutType out_type) {
-  const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                            _mm512_set1_epi32(16));
-  for (int64_t j = 0; j < rows; ++j) {
-    const __m512 v = _mm512_add_ps(_mm512_i32gather_ps(column, c + j, 4), bias);
-    const int64_t index = (m0 + j) * ldo + n0;
-    if (out_type == OutType::kBFloat16) {
-      const __m256bh h = _mm512_cvtneps_pbh(v);
-      std::memcpy(static_cast<uint16_t*>(out) + index, &h, 32);
-    } else {
-      _mm512_storeu_ps(static_cast<float*>(out) + index, v);
-    }
-  }
-}
-
-// Rows n0 .. n0 + 16 NA - 1 of W times rows m0 .. m0 + 16 NB - 1 of x (xg: their packed groups, gstride
-// uint32 apart). Tiles: C 0-3 (C[a][b] = tmm(2a + b)), A 4-5, B 6-7.
+// The tile products of 16 NA rows of W (the first 16 at w0, the next 16 at w1, both K * 2 bytes a row)
+// and 16 NB rows of x (xg: their packed groups, gstride uint32 apart), left in the C tiles 0-3
+// (C[a][b] = tmm(2a + b)). A tiles 4-5, B tiles 6-7.
 template <int NA, int NB>
-void amx_block(const uint32_t* xg, int64_t gstride, int64_t M, int64_t K, const uint16_t* w, int64_t n0, int64_t m0,
-               const Bias& bias, void* out, int64_t ldo, OutType out_type) {
+void amx_products(const uint32_t* xg, int64_t gstride, int64_t K, const uint16_t* w0, const uint16_t* w1) {
   static_assert(NA >= 1 && NA <= 2 && NB >= 1 && NB <= 2, "2 x 2 C tiles at most");
   _tile_zero(0);
   if constexpr (NB == 2) _tile_zero(1);
   if constexpr (NA == 2) _tile_zero(2);
   if constexpr (NA == 2 && NB == 2) _tile_zero(3);
   const int64_t stride = K * 2;
-  const uint16_t* w0 = w + n0 * K;
-  const uint16_t* w1 = w0 + 16 * K;
   const int64_t k_full = K / 32 * 32;
-  auto step = [&](const void* a0, const void* a1, int64_t a_stride, const uint32_t* b) {
-    _tile_loadd(4, a0, a_stride);
-    if constexpr (NA == 2) _tile_loadd(5, a1, a_stride);
+  auto step = [&](const void* a0, const void* a1, int64_t a0_stride, int64_t a1_stride, const uint32_t* b) {
+    _tile_loadd(4, a0, a0_stride);
+    if constexpr (NA == 2) _tile_loadd(5, a1, a1_stride);
     _tile_loadd(6, b, 64);
     if constexpr (NB == 2) _tile_loadd(7, b + gstride, 64);
     _tile_dpbf16ps(0, 4, 6);
@@ -167,26 +146,83 @@ void amx_block(const uint32_t* xg, int64_t gstride, int64_t M, int64_t K, const 
   // into L1 8.0 or L2 9.1, touching them with loads 8.5).
   // Alternating two sets of A / B tiles (so that loads need not wait for the last products) measured
   // 2-4% slower.
-  for (int64_t k = 0; k < k_full; k += 32) step(w0 + k, w1 + k, stride, xg + k * 8);
+  for (int64_t k = 0; k < k_full; k += 32) step(w0 + k, w1 + k, stride, stride, xg + k * 8);
   if (k_full < K) {  // the last K % 32 inputs of each row, zero-padded to 32
-    alignas(64) uint16_t tail[NA * 16][32];
+    alignas(64) uint16_t tail[NA][16][32];
     std::memset(tail, 0, sizeof(tail));
-    for (int r = 0; r < NA * 16; ++r) std::memcpy(tail[r], w0 + r * K + k_full, (K - k_full) * 2);
+    for (int a = 0; a < NA; ++a) {
+      for (int r = 0; r < 16; ++r) std::memcpy(tail[a][r], (a == 0 ? w0 : w1) + r * K + k_full, (K - k_full) * 2);
+    }
     compiler_barrier();
-    step(tail[0], tail[NA == 2 ? 16 : 0], 64, xg + k_full * 8);
+    step(tail[0], tail[NA - 1], 64, 64, xg + k_full * 8);
   }
+}
+
+// C tile [a][b] stored to c (16 x 16 fp32).
+inline void store_c_tile(int a, int b, float* c) {
+  if (a == 0 && b == 0) _tile_stored(0, c, 64);
+  if (a == 0 && b == 1) _tile_stored(1, c, 64);
+  if (a == 1 && b == 0) _tile_stored(2, c, 64);
+  if (a == 1 && b == 1) _tile_stored(3, c, 64);
+}
+
+// Output row j of a stored C tile is its column j: one strided gather per row. A 16 x 16 transpose in
+// registers (64 permutes a tile) instead held back the weight stream: the bench model's decode step, 2
+// threads, same build alternated, took 36.9 -> 34.8 ms at batch 1, 44.3 -> 42.2 at 16 rows and 72.9 ->
+// 67.7 at 48 with the gathers.
+inline __m512 tile_column(const float* c, int64_t j) {
+  const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32(16));
+  return _mm512_i32gather_ps(column, c + j, 4);
+}
+
+// c: a stored C tile (16 rows of W x 16 rows of x, fp32) -> out rows m0 .. m0 + rows - 1, columns n0 .. n0 + 15.
+inline void write_tile(const float* c, int64_t rows, int64_t m0, int64_t n0, __m512 bias, void* out, int64_t ldo,
+                       OutType out_type) {
+  for (int64_t j = 0; j < rows; ++j) {
+    const __m512 v = _mm512_add_ps(tile_column(c, j), bias);
+    const int64_t index = (m0 + j) * ldo + n0;
+    if (out_type == OutType::kBFloat16) {
+      const __m256bh h = _mm512_cvtneps_pbh(v);
+      std::memcpy(static_cast<uint16_t*>(out) + index, &h, 32);
+    } else {
+      _mm512_storeu_ps(static_cast<float*>(out) + index, v);
+    }
+  }
+}
+
+// Rows n0 .. n0 + 16 NA - 1 of W times rows m0 .. m0 + 16 NB - 1 of x, written to out.
+template <int NA, int NB>
+void amx_block(const uint32_t* xg, int64_t gstride, int64_t M, int64_t K, const uint16_t* w, int64_t n0, int64_t m0,
+               const Bias& bias, void* out, int64_t ldo, OutType out_type) {
+  const uint16_t* w0 = w + n0 * K;
+  amx_products<NA, NB>(xg, gstride, K, w0, w0 + 16 * K);
   alignas(64) float c[16 * 16];
   for (int a = 0; a < NA; ++a) {
     const __m512 bv = bias.lanes(n0 + 16 * a);
     for (int b = 0; b < NB; ++b) {
       const int64_t rows = std::min<int64_t>(16, M - m0 - 16 * b);
       if (rows <= 0) continue;
-      if (a == 0 && b == 0) _tile_stored(0, c, 64);
-      if (a == 0 && b == 1) _tile_stored(1, c, 64);
-      if (a == 1 && b == 0) _tile_stored(2, c, 64);
-      if (a == 1 && b == 1) _tile_stored(3, c, 64);
+      store_c_tile(a, b, c);
       write_tile(c, rows, m0 + 16 * b, n0 + 16 * a, bv, out, ldo, out_type);
     }
+  }
+}
+
+// Gate rows n0 .. n0 + 15 of W = [gate (I rows) | up (I rows)] and their up rows I + n0 .. I + n0 + 15 times
+// the M <= 16 rows of x (xg: packed): out[m][n] = bf16(bf16(silu(g)) * u), g and u the two products plus
+// their biases rounded to bf16, the same operations as a bf16 gate_up output followed by gate_row (rows.h).
+void amx_gated_block(const uint32_t* xg, int64_t M, int64_t K, const uint16_t* w, int64_t I, int64_t n0,
+                     const Bias& bias, uint16_t* out, int64_t ldo) {
+  amx_products<2, 1>(xg, 0, K, w + n0 * K, w + (I + n0) * K);
+  const __m512 gate_bias = bias.lanes(n0), up_bias = bias.lanes(I + n0);
+  alignas(64) float gate[16 * 16], up[16 * 16];
+  store_c_tile(0, 0, gate);
+  store_c_tile(1, 0, up);
+  for (int64_t m = 0; m < M; ++m) {
+    const __m512 g = round_bf16(_mm512_add_ps(tile_column(gate, m), gate_bias));
+    const __m512 u = round_bf16(_mm512_add_ps(tile_column(up, m), up_bias));
+    store_bf16(out + m * ldo + n0, silu_gate(g, u), 0xffff);
   }
 }
 
@@ -233,6 +269,15 @@ void amx_matmul(const Bf16Rows& rows, const uint16_t* w, const Bias& bias, void*
   if (n < n_end) gemv_bf16(rows.x, rows.ldx, M, K, w, bias, out, ldo, out_type, n, n_end);
 }
 
+// Gate rows [n_begin, n_end) (multiples of 16, within I) of W = [gate | up] against up to 16 rows of x
+// packed by prepare_bf16_rows: out (M, I) as amx_gated_block writes it.
+void amx_gated_matmul(const Bf16Rows& rows, const uint16_t* w, int64_t I, const Bias& bias, uint16_t* out,
+                      int64_t ldo, int64_t n_begin, int64_t n_end) {
+  configure_tiles();
+  for (int64_t n = n_begin; n < n_end; n += 16) amx_gated_block(rows.packed, rows.M, rows.K, w, I, n, bias, out, ldo);
+  _tile_release();
+}
+
 bool use_amx(int64_t M, int64_t K) {
   const int mode = g_path_mode.load(std::memory_order_relaxed);
   if (mode == 2 || !amx_available()) return false;
@@ -275,6 +320,22 @@ void matmul_bf16(const Bf16Rows& rows, const uint16_t* w, Bias bias, void* out, 
   } else {
     gemv_bf16(rows.x, rows.ldx, rows.M, rows.K, w, bias, out, ldo, out_type, n_begin, n_end);
   }
+}
+
+// Rows of x up to which the gate runs inside the gate_up matmul. Bench model, decode steps, fused and
+// unfused builds alternated: 1 row 29.2 -> 28.6 ms a step; 4 and 8 rows alike; 16 rows 33.8 -> 34.5 ms
+// (16 exp / div rows per pair of C tiles between their weight streams held the streams back longer
+// than the separate pass over gate_up took).
+constexpr int64_t kFusedGateMaxRows = 8;
+static_assert(kFusedGateMaxRows <= 16, "amx_gated_block takes one tile of x rows");
+
+bool silu_gate_fusable(int64_t M, int64_t K, int64_t I) {
+  return M <= kFusedGateMaxRows && I % 16 == 0 && use_amx(M, K);
+}
+
+void matmul_bf16_silu_gated(const Bf16Rows& rows, const uint16_t* w, int64_t I, Bias bias, uint16_t* out,
+                            int64_t ldo, int64_t n_begin, int64_t n_end) {
+  amx_gated_matmul(rows, w, I, bias, out, ldo, n_begin, n_end);
 }
 
 TORCH_LIBRARY_FRAGMENT(zili_cpu, m) {

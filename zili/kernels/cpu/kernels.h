@@ -106,6 +106,16 @@ Bf16Rows prepare_bf16_rows(const uint16_t* x, int64_t ldx, int64_t M, int64_t K)
 void matmul_bf16(const Bf16Rows& rows, const uint16_t* w, Bias bias, void* out, int64_t ldo, OutType out_type,
                  int64_t n_begin, int64_t n_end);
 
+// The gate_up matmul and the SiLU gate in one pass, for W = [gate (I rows) | up (I rows)] (2I, K) bf16:
+// out (M, I) bf16 (row stride ldo), columns [n_begin, n_end) (multiples of 16), = bf16(bf16(silu(g)) * u)
+// with g, u the gate and up outputs rounded to bf16, bit for bit what matmul_bf16 into a bf16 gate_up
+// and gate_row (rows.h) give. Runs on the AMX kernel only: where silu_gate_fusable(M, K, I), which
+// holds when prepare_bf16_rows packs x for AMX, I is a multiple of 16 and M is at most 8
+// (gemm_amx_bf16.cpp: kFusedGateMaxRows).
+bool silu_gate_fusable(int64_t M, int64_t K, int64_t I);
+void matmul_bf16_silu_gated(const Bf16Rows& rows, const uint16_t* w, int64_t I, Bias bias, uint16_t* out,
+                            int64_t ldo, int64_t n_begin, int64_t n_end);
+
 // True where the AMX kernels may run: the CPU has AMX-BF16, the OS granted this process the tile state,
 // and ZILI_CPU_AMX was not 0 at first use (gemm_amx_bf16.cpp).
 bool amx_usable();

@@ -7,6 +7,7 @@
 #include <optional>
 
 #include "kernels.h"
+#include "rows.h"
 #include "threads.h"
 
 namespace zili_cpu {
@@ -43,6 +44,33 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight, const std:
   const Bias b = bias_of(bias, N);
   linear_bf16_threads(static_cast<const uint16_t*>(xb.data_ptr()), M, K,
                       static_cast<const uint16_t*>(weight.data_ptr()), b, out.data_ptr(), out_type_of(out), N);
+  return out;
+}
+
+// bf16(bf16(silu(gate)) * up) (M, I) for [gate | up] = x (M, K) @ weight (2I, K).T + bias, bf16, the
+// matmul and the gate in one pass where silu_gate_fusable (the fused decode layers' path); elsewhere
+// linear_bf16 and the gated_activation row op, which give the same bits.
+at::Tensor linear_bf16_silu_gated(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  check_rows(x);
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "x must be bf16");
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) % 2 == 0, "weight must be (2I, K): the gate rows, then the up rows");
+  const int64_t M = x.size(0), K = x.size(1), I = weight.size(0) / 2;
+  if (!silu_gate_fusable(M, K, I)) {
+    const at::Tensor gate_up = linear_bf16(x, weight, bias);
+    at::Tensor out = at::empty({M, I}, x.options());
+    const auto* gp = static_cast<const uint16_t*>(gate_up.data_ptr());
+    for (int64_t m = 0; m < M; ++m) {
+      gate_row(Activation::kSilu, gp + m * 2 * I, I, static_cast<uint16_t*>(out.data_ptr()) + m * I);
+    }
+    return out;
+  }
+  TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.is_contiguous() && weight.device().is_cpu() &&
+              weight.size(1) == K, "weight must be a contiguous (2I, K) bf16 CPU tensor, K = ", K);
+  const at::Tensor xb = x.contiguous();
+  at::Tensor out = at::empty({M, I}, x.options());
+  linear_bf16_silu_gated_threads(static_cast<const uint16_t*>(xb.data_ptr()), M, K,
+                                 static_cast<const uint16_t*>(weight.data_ptr()), I, bias_of(bias, 2 * I),
+                                 static_cast<uint16_t*>(out.data_ptr()));
   return out;
 }
 
@@ -107,6 +135,7 @@ at::Tensor dequantize(const at::Tensor& weight, const at::Tensor& scales, const 
 
 TORCH_LIBRARY(zili_cpu, m) {
   m.def("linear_bf16(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("linear_bf16_silu_gated(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("linear_quant(Tensor x, Tensor weight, Tensor scales, Tensor zero_scales, int bits, int group_size, "
         "Tensor? bias) -> Tensor");
   m.def("dequantize(Tensor weight, Tensor scales, Tensor zero_scales, int bits, int group_size, int row_begin, "
@@ -115,6 +144,7 @@ TORCH_LIBRARY(zili_cpu, m) {
 
 TORCH_LIBRARY_IMPL(zili_cpu, CPU, m) {
   m.impl("linear_bf16", &linear_bf16);
+  m.impl("linear_bf16_silu_gated", &linear_bf16_silu_gated);
   m.impl("linear_quant", &linear_quant);
   m.impl("dequantize", &dequantize);
 }

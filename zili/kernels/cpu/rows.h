@@ -90,6 +90,12 @@ inline float activate(Activation act, float g) {
   return g;
 }
 
+// bf16(silu(g)) * up for 16 lanes of bf16 values g, up (widened): silu(g) = g / (1 + exp(-g)).
+inline __m512 silu_gate(__m512 g, __m512 up) {
+  const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+  return _mm512_mul_ps(round_bf16(silu), up);
+}
+
 // out (I) = bf16(bf16(act(gate)) * up) for one row gate_up (2I) = [gate | up]; SiLU vectorized.
 inline void gate_row(Activation act, const uint16_t* gate_up, int64_t I, uint16_t* out) {
   if (act != Activation::kSilu) {
@@ -98,12 +104,9 @@ inline void gate_row(Activation act, const uint16_t* gate_up, int64_t I, uint16_
     }
     return;
   }
-  for (int64_t i = 0; i < I; i += 16) {  // silu(g) = g / (1 + exp(-g))
+  for (int64_t i = 0; i < I; i += 16) {
     const __mmask16 mask = tail_mask(I - i);
-    const __m512 g = load_bf16(gate_up + i, mask);
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
-    const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-    store_bf16(out + i, _mm512_mul_ps(round_bf16(silu), load_bf16(gate_up + I + i, mask)), mask);
+    store_bf16(out + i, silu_gate(load_bf16(gate_up + i, mask), load_bf16(gate_up + I + i, mask)), mask);
   }
 }
 

@@ -24,6 +24,14 @@ void linear_bf16_threads(const uint16_t* x, int64_t M, int64_t K, const uint16_t
   }, 32);
 }
 
+void linear_bf16_silu_gated_threads(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t I, Bias bias,
+                                    uint16_t* out) {
+  const Bf16Rows rows = prepare_bf16_rows(x, K, M, K);
+  parallel_chunks(I, chunk_rows(I, 16), [&](int64_t begin, int64_t end) {
+    matmul_bf16_silu_gated(rows, w, I, bias, out, I, begin, end);
+  }, 16);
+}
+
 void linear_quant_threads(const void* x, bool x_is_bf16, int64_t M, int64_t K, const uint8_t* w, int bits,
                           const float* scales, const float* zero_scales, int64_t group_size, Bias bias, void* out,
                           OutType out_type, int64_t N) {

@@ -22,6 +22,11 @@ int64_t chunk_rows(int64_t N, int64_t multiple);
 void linear_bf16_threads(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, Bias bias, void* out,
                          OutType out_type, int64_t N);
 
+// out (M, I) bf16 = matmul_bf16_silu_gated over all I columns, in chunks across threads. Only where
+// silu_gate_fusable(M, K, I).
+void linear_bf16_silu_gated_threads(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t I, Bias bias,
+                                    uint16_t* out);
+
 // x (M, K) fp32 or bf16, row stride K, quantized to int8 per activation block (quant_layout) into
 // scratch buffers, then the VNNI kernel on W as gemv_quant describes, N in chunks across threads.
 void linear_quant_threads(const void* x, bool x_is_bf16, int64_t M, int64_t K, const uint8_t* w, int bits,
