@@ -71,17 +71,22 @@ def test_amx_random_shapes(path, seed):
     assert_within_bound(ops.linear_bf16(x.float(), w, bias), x, w, bias, rounded_output=False)
 
 
-def test_amx_with_a_long_k_and_two_threads(path):
-    ops = path("amx")
-    x, w, b = bf16_case(16, 4864 + 7, 200)
+def on_two_threads_then_one(op, *args):
+    """op(*args) with 2 threads, then with 1 (the thread count restored after)."""
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        y2 = ops.linear_bf16(x, w, b)
+        y2 = op(*args)
         torch.set_num_threads(1)
-        y1 = ops.linear_bf16(x, w, b)
+        return y2, op(*args)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_amx_with_a_long_k_and_two_threads(path):
+    ops = path("amx")
+    x, w, b = bf16_case(16, 4864 + 7, 200)
+    y2, y1 = on_two_threads_then_one(ops.linear_bf16, x, w, b)
     assert_within_bound(y2, x, w, b, rounded_output=True)
     assert torch.equal(y1, y2)  # N splits at multiples of 16 rows: the same arithmetic for every row
 
@@ -151,14 +156,7 @@ def test_silu_gated_matmul_is_bit_for_bit_the_matmul_then_the_gate(path, m, k, i
 def test_silu_gated_matmul_splits_alike_on_any_number_of_threads(path):
     ops = path("amx")
     x, w, b = bf16_case(8, 896, 2 * 4864)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        y2 = ops.linear_bf16_silu_gated(x, w, b)
-        torch.set_num_threads(1)
-        y1 = ops.linear_bf16_silu_gated(x, w, b)
-    finally:
-        torch.set_num_threads(threads)
+    y2, y1 = on_two_threads_then_one(ops.linear_bf16_silu_gated, x, w, b)
     assert torch.equal(y1, y2) and torch.equal(y2, gated_reference(ops, x, w, b))
 
 
