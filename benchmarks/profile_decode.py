@@ -1,18 +1,21 @@
-"""Where zili's batch-1 decode time goes, per token: matmuls vs attention vs the rest vs Python.
+"""Where zili's decode time goes, per step: matmuls vs attention vs the rest vs Python.
 
-Drives the engine's step loop on the benchmark checkpoint (one request, short prompt, then
-decode steps) three ways:
+Drives the engine's step loop on the benchmark checkpoint (`--rows` requests, 1 by default, short
+prompts, then decode steps) three ways:
 
 1. wall clock: ms per decode step without any profiler (the figure the others are shares of);
 2. torch.profiler with Python stacks: each aten op's self CPU time is charged to the innermost
    zili source file on its stack (layers/linear.py -> matmul, engine/paged_attention.py ->
    attention, ...), so the categories follow zili's own code; "host overhead" = wall time per
    step minus all op time (Python, scheduling, tensor building, dispatch between ops);
+   The fused C++ step's parts are ops of their own (zili_cpu::qkv_proj, ::attention, ::o_proj,
+   ::gate_up, ::activation, ::down_proj, ::rms_norm, ::lm_head): their total time per step, and for
+   the matmuls the weight bytes they read, give each part's read rate;
 3. optionally py-spy (`--py-spy`, a benchmark-only tool: `pip install py-spy`): sampled native
    + Python stacks, charged the same way, and split into time inside native code vs the Python
    interpreter.
 
-    python benchmarks/profile_decode.py --model benchmarks/work/model [--steps 64] [--py-spy]
+    python benchmarks/profile_decode.py --model benchmarks/work/model [--rows 16] [--steps 64] [--py-spy]
 """
 from __future__ import annotations
 
@@ -56,6 +59,30 @@ MATMUL = "matmul (GEMV)"
 MATMUL_OP_MARKERS = ("aten::mm", "aten::addmm", "aten::linear", "aten::mv", "pack_mm", "gemm", "gemv")
 
 
+# The fused step's parts (zili/kernels/cpu/decode_layer.cpp), in the order a layer runs them.
+PHASES = ("zili_cpu::rms_norm", "zili_cpu::qkv_proj", "zili_cpu::attention", "zili_cpu::o_proj",
+          "zili_cpu::gate_up", "zili_cpu::activation", "zili_cpu::down_proj", "zili_cpu::lm_head")
+FUSED_STEP = "zili_cpu::decode_step"
+
+
+def phase_weight_bytes(model) -> dict[str, int]:
+    """Bytes of weights (with their scales) each matmul part of the fused step reads per step."""
+    def nbytes(modules) -> int:
+        seen, total = set(), 0
+        for module in modules:
+            for tensor in (*module.parameters(), *module.buffers()):
+                if tensor.data_ptr() not in seen:
+                    seen.add(tensor.data_ptr())
+                    total += tensor.numel() * tensor.element_size()
+        return total
+    layers = model.model.layers
+    return {"zili_cpu::qkv_proj": nbytes(layer.self_attn.qkv_proj for layer in layers),
+            "zili_cpu::o_proj": nbytes(layer.self_attn.o_proj for layer in layers),
+            "zili_cpu::gate_up": nbytes(layer.mlp.gate_up_proj for layer in layers),
+            "zili_cpu::down_proj": nbytes(layer.mlp.down_proj for layer in layers),
+            "zili_cpu::lm_head": nbytes([model.lm_head])}
+
+
 def categorize(frames: list[str]) -> str:
     """frames: innermost first; each names its source file ('zili/layers/linear.py(45): forward')."""
     for frame in frames:
@@ -73,15 +100,19 @@ def build_engine(model: str, threads: int, max_model_len: int):
     return LLM(model, dtype="bfloat16", max_model_len=max_model_len)
 
 
-def decode_steps(llm, prompt_tokens: int, steps: int, around=contextlib.nullcontext()) -> list[float]:
-    """Prefill a random prompt, then time `steps` decode steps (seconds each) inside `around`."""
+def decode_steps(llm, prompt_tokens: int, steps: int, around=contextlib.nullcontext(), rows: int = 1) -> list[float]:
+    """Prefill `rows` random prompts, then time `steps` decode steps (seconds each) of all of them inside
+    `around`."""
     from zili.sampling_params import SamplingParams
     generator = torch.Generator().manual_seed(0)
-    prompt = torch.randint(3, llm.config.vocab_size, (prompt_tokens,), generator=generator).tolist()
     params = SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True)
     engine = llm.engine
-    engine.add_request(None, prompt, params)
-    engine.step()  # prefill + first token
+    for _ in range(rows):
+        prompt = torch.randint(3, llm.config.vocab_size, (prompt_tokens,), generator=generator).tolist()
+        engine.add_request(None, prompt, params)
+    started: set[str] = set()
+    while len(started) < rows:  # prefill, up to every row's first token
+        started.update(out.request_id for out in engine.step() if out.outputs[0].token_ids)
     durations = []
     with around:
         while engine.has_unfinished_requests():
@@ -91,13 +122,19 @@ def decode_steps(llm, prompt_tokens: int, steps: int, around=contextlib.nullcont
     return durations
 
 
-def torch_profile(llm, prompt_tokens: int, steps: int) -> dict:
+def torch_profile(llm, prompt_tokens: int, steps: int, rows: int = 1) -> dict:
     from torch.profiler import ProfilerActivity, profile
     prof = profile(activities=[ProfilerActivity.CPU], with_stack=True, record_shapes=False)
-    durations = decode_steps(llm, prompt_tokens, steps, around=prof)
+    durations = decode_steps(llm, prompt_tokens, steps, around=prof, rows=rows)
     by_category: dict[str, float] = collections.defaultdict(float)
     by_op: dict[str, float] = collections.defaultdict(float)
+    phases: dict[str, float] = collections.defaultdict(float)
+    fused_step_ms = 0.0
     for event in prof.events():
+        if event.name in PHASES:
+            phases[event.name] += event.cpu_time_total / 1e3
+        elif event.name == FUSED_STEP:
+            fused_step_ms += event.cpu_time_total / 1e3
         if "::" not in event.name or ".py(" in event.name:  # ops only: aten::, zili_cpu:: (zili/kernels), ...
             continue
         # Python frames are events too (named 'path(line): function'); the parent chain of an op
@@ -116,8 +153,13 @@ def torch_profile(llm, prompt_tokens: int, steps: int) -> dict:
     num = len(durations)
     per_token = {k: v / num for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])}
     ops = {k: v / num for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])[:15]}
-    return {"steps": num, "wall_ms_per_token_under_profiler": profiled_ms / num,
-            "op_ms_per_token": per_token, "top_ops_ms_per_token": ops}
+    result = {"steps": num, "wall_ms_per_token_under_profiler": profiled_ms / num,
+              "op_ms_per_token": per_token, "top_ops_ms_per_token": ops}
+    if phases:  # the fused step's parts, per step; the rest of it: embedding, rotary rows, argmax, checks
+        result["fused_step_ms"] = fused_step_ms / num
+        result["fused_parts_ms"] = {name: phases[name] / num for name in PHASES if name in phases}
+        result["fused_parts_weight_bytes"] = phase_weight_bytes(llm.model)
+    return result
 
 
 def py_spy_profile(args: argparse.Namespace) -> dict:
@@ -129,7 +171,8 @@ def py_spy_profile(args: argparse.Namespace) -> dict:
         raw = os.path.join(tmp, "stacks.txt")
         command = [binary, "record", "--native", "-r", "200", "-f", "raw", "-o", raw, "--",
                    sys.executable, __file__, "--model", args.model, "--threads", str(args.threads),
-                   "--steps", str(args.steps), "--prompt-tokens", str(args.prompt_tokens), "--loop-only"]
+                   "--steps", str(args.steps), "--prompt-tokens", str(args.prompt_tokens), "--rows", str(args.rows),
+                   "--loop-only"]
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         with open(LOG_DIR / "py-spy.log", "w") as out:
             done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT)
@@ -161,22 +204,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--rows", type=int, default=1, help="requests decoded together")
     parser.add_argument("--precision", default="bf16", help="label only; the checkpoint decides")
     parser.add_argument("--py-spy", action="store_true", help="also sample with py-spy")
     parser.add_argument("--loop-only", action="store_true", help=argparse.SUPPRESS)  # py-spy's child
     args = parser.parse_args(argv)
 
     llm = build_engine(args.model, args.threads, args.prompt_tokens + args.steps + 64)
-    decode_steps(llm, args.prompt_tokens, 8)  # warm-up
+    decode_steps(llm, args.prompt_tokens, 8, rows=args.rows)  # warm-up
     if args.loop_only:
         for _ in range(3):
-            decode_steps(llm, args.prompt_tokens, args.steps)
+            decode_steps(llm, args.prompt_tokens, args.steps, rows=args.rows)
         return 0
-    walls = [median(decode_steps(llm, args.prompt_tokens, args.steps)) for _ in range(3)]
+    walls = [median(decode_steps(llm, args.prompt_tokens, args.steps, rows=args.rows)) for _ in range(3)]
     wall_ms = median(walls) * 1e3
-    result: dict = {"engine": "zili", "precision": args.precision, "threads": args.threads,
-                    "wall_ms_per_token": wall_ms, "decode_tok_s": 1e3 / wall_ms}
-    result["torch_profiler"] = torch_profile(llm, args.prompt_tokens, args.steps)
+    result: dict = {"engine": "zili", "precision": args.precision, "threads": args.threads, "rows": args.rows,
+                    "wall_ms_per_token": wall_ms, "decode_tok_s": args.rows * 1e3 / wall_ms}
+    result["torch_profiler"] = torch_profile(llm, args.prompt_tokens, args.steps, args.rows)
     ops_ms = sum(result["torch_profiler"]["op_ms_per_token"].values())
     result["torch_profiler"]["host_overhead_ms_per_token"] = (
         result["torch_profiler"]["wall_ms_per_token_under_profiler"] - ops_ms)

@@ -164,20 +164,43 @@ def server_table(results: dict) -> list[str]:
     return lines
 
 
-def profile_section(results: dict) -> list[str]:
-    """Where one bf16 decode step's time goes (benchmarks/profile_decode.py)."""
-    prof = results.get("profile")
+def fused_parts_table(torch_prof: dict, gbps: float | None) -> list[str]:
+    """The fused C++ step's parts (torch.profiler ops of decode_layer.cpp), with the matmuls' read rates."""
+    parts, weights = torch_prof.get("fused_parts_ms") or {}, torch_prof.get("fused_parts_weight_bytes") or {}
+    step = torch_prof.get("fused_step_ms")
+    if not parts or not step:
+        return []
+    lines = ["", f"Inside the fused C++ step ({fmt(step, 2)} ms under the profiler), each part's total per step; "
+             "the matmuls' read rate = their weight bytes / time:", "",
+             "| part | ms / step | share of the C++ step | weights MB | read GB/s | % of the read bandwidth |",
+             "|---|---|---|---|---|---|"]
+    for name, ms in [*parts.items(), ("rest (argument checks, the layer loop, logits widened to fp32)",
+                                      step - sum(parts.values()))]:
+        nbytes = weights.get(name)
+        rate = nbytes / (ms / 1e3) / 1e9 if nbytes and ms else None
+        lines.append(f"| {name.replace('zili_cpu::', '')} | {fmt(ms, 2)} | {fmt(100 * ms / step, 0, '%')} | "
+                     f"{fmt(nbytes and nbytes / 1e6, 0)} | {fmt(rate, 1)} | "
+                     f"{fmt(rate and gbps and 100 * rate / gbps, 0, '%')} |")
+    return lines
+
+
+def profile_section(results: dict, key: str = "profile") -> list[str]:
+    """Where one bf16 decode step's time goes (benchmarks/profile_decode.py), at 1 row or at `rows`."""
+    prof = results.get(key)
     if not prof:
         return []
     torch_prof = prof.get("torch_profiler", {})
     wall = prof.get("wall_ms_per_token")
     under = torch_prof.get("wall_ms_per_token_under_profiler")
-    lines = ["## Where zili's batch-1 bf16 decode time goes", "",
-             f"{fmt(wall, 1)} ms per token without a profiler ({fmt(prof.get('decode_tok_s'))} tok/s), "
-             f"{fmt(under, 1)} ms under torch.profiler. Op self-time per token, charged to the innermost zili "
+    rows = prof.get("rows", 1)
+    title = ("## Where zili's batch-1 bf16 decode time goes" if rows == 1 else
+             f"## Where a {rows}-row bf16 decode step's time goes ({rows} requests decoded together)")
+    lines = [title, "",
+             f"{fmt(wall, 1)} ms per step without a profiler ({fmt(prof.get('decode_tok_s'))} tok/s), "
+             f"{fmt(under, 1)} ms under torch.profiler. Op self-time per step, charged to the innermost zili "
              "file on the op's Python stack; host overhead = wall time minus all op time (Python, scheduling, "
              "input building, dispatch).", "",
-             "| part | ms / token | share of the step |", "|---|---|---|"]
+             "| part | ms / step | share of the step |", "|---|---|---|"]
     parts = dict(torch_prof.get("op_ms_per_token", {}))
     parts["host overhead (not inside any op)"] = torch_prof.get("host_overhead_ms_per_token")
     for name, ms in parts.items():
@@ -190,14 +213,15 @@ def profile_section(results: dict) -> list[str]:
     gbps = get(results, "bandwidth", prof.get("precision", "bf16"), "best_gbps")
     if wall and ops_ms:
         lines += ["", f"Without the profiler, host overhead is about wall - op time = {fmt(wall - ops_ms, 1)} ms per "
-                  "token (the profiler's own cost inflates the row above)."]
-    if gemv_ms and weight_bytes and gbps:
+                  "step (the profiler's own cost inflates the row above)."]
+    if gemv_ms and weight_bytes and gbps and rows == 1:
         rate = weight_bytes / (gemv_ms / 1e3) / 1e9
         readers = "The fused decode step (layers, attention, norms and the lm_head GEMV)" if fused_ms \
             else "The GEMVs"
         lines += [f"{readers} read all weights ({fmt(weight_bytes / 1e6, 0)} MB) in {fmt(gemv_ms, 1)} ms: "
                   f"{fmt(rate, 1)} GB/s, {fmt(100 * rate / gbps, 0, '%')} of the measured read bandwidth; the bound "
                   f"for the whole step is {fmt(weight_bytes / (gbps * 1e9) * 1e3, 1)} ms."]
+    lines += fused_parts_table(torch_prof, gbps)
     top = torch_prof.get("top_ops_ms_per_token", {})
     if top:
         lines += ["", "Top ops: " + ", ".join(f"`{k}` {v:.2f} ms" for k, v in list(top.items())[:8]) + "."]
@@ -325,6 +349,7 @@ def render_markdown(results: dict) -> str:
         "requests of all rounds; peak RSS summed over the server's process tree.",
         "",
         *profile_section(results),
+        *profile_section(results, "profile_batch"),
         "## Goals (issue 7)",
         "",
         "| goal | target | measured | status |",

@@ -7,7 +7,7 @@
 
 Steps: benchmarks/setup_peers.py (pip tools, llama.cpp build), make_checkpoint.py (random
 weights), `zili quantize` (int8 / int4), GGUF conversion (BF16 / Q8_0 / Q4_0), read bandwidth,
-offline figures (each engine in its own process), servers, a profile of zili's bf16 decode
+offline figures (each engine in its own process), servers, profiles of zili's bf16 decode (1 and 16 rows)
 (benchmarks/profile_decode.py), then docs/benchmarks.md and
 docs/benchmarks.png. A step that cannot run (a zili part not there yet) is recorded under
 "Not measured" and the rest goes on. Results: benchmarks/work/results/<date>.json and latest.json.
@@ -317,6 +317,11 @@ def main(argv: list[str] | None = None) -> int:
                        "profile-bf16", 3600)
         if out:
             run.results["profile"] = out
+        out = run.step(f"profile zili bf16 decode, {args.streams} rows", run_child, "profile_decode.py",
+                       ["--model", str(zili_paths["bf16"]), "--threads", str(args.threads), "--rows", str(args.streams),
+                        "--steps", str(args.decode_tokens)], "profile-bf16-batch", 3600)
+        if out:
+            run.results["profile_batch"] = out
 
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -15,6 +15,7 @@ vector path (`set_attention_path("vector")`, and every int8 cache).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import random
 
@@ -233,6 +234,34 @@ def test_the_fused_steps_argmax_is_torch_argmax_on_ties_and_nan(folders, cpu_ker
         weight[[9, 19]] = float("nan")
     logits, argmax = fused.forward([1, 2, 3], [4, 6, 7], tables)
     assert argmax == logits.argmax(dim=-1).tolist() == [9, 9, 9]
+
+
+PARTS = ("rms_norm", "qkv_proj", "attention", "o_proj", "gate_up", "down_proj", "lm_head")
+
+
+@pytest.mark.parametrize("case", ["llama-gqa", "gelu-tanh-one-kv-head"])
+def test_the_fused_step_reports_its_parts_to_the_profiler(case, folders, cpu_kernels):
+    from torch.profiler import ProfilerActivity, profile
+
+    model = load_bf16(folders[case])
+    fused = FusedDecoder.build(model, new_cache(model.config, "auto"))
+    tables = torch.tensor([[0, 1], [2, 3]])
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fused.forward([1, 2], [3, 5], tables)
+    events = [e for e in prof.events() if e.name.startswith("zili_cpu::")]
+    count = collections.Counter(e.name for e in events)
+    layers = model.config.num_hidden_layers
+    expected = {"rms_norm": 2 * layers, "lm_head": 1, "decode_step": 1, "decode_layers": 1,
+                **{part: layers for part in PARTS if part not in ("rms_norm", "lm_head")}}
+    config = model.config
+    fused_gate = (config.hidden_act == "silu" and config.intermediate_size % 16 == 0  # on AMX, SiLU runs in gate_up
+                  and torch.ops.zili_cpu.bf16_matmul_path(2, config.hidden_size) == "amx")
+    if not fused_gate:
+        expected["activation"] = layers
+    assert count == {f"zili_cpu::{name}": n for name, n in expected.items()}
+    step = next(e for e in events if e.name == "zili_cpu::decode_step")
+    inside = sum(e.cpu_time_total for e in events if e.name.removeprefix("zili_cpu::") in (*PARTS, "activation"))
+    assert 0 < inside <= step.cpu_time_total  # the parts nest inside the step
 
 
 def test_fused_decoder_declines_what_it_cannot_run(folders, cpu_kernels):

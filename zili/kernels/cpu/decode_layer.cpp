@@ -647,22 +647,43 @@ void run_layer(const Layer& l, uint16_t* x, int64_t B, const PagedCache& cache, 
   };
   auto data = [](const at::Tensor* t) { return t ? static_cast<const uint16_t*>(t->data_ptr()) : nullptr; };
 
-  rms_norm(x, H, B, H, data(l.input_norm), l.eps, normed, H);
-  run_linear(l.linears[0], normed, B, H, qkv);
-  attention(qkv, B, shape, cache, data(l.q_norm), data(l.k_norm), l.eps, cos, sin, tables, width, lens,
-            attn);
-  run_linear(l.linears[1], attn, B, Hq * D, projected);
-  add_residual(projected);
-
-  rms_norm(x, H, B, H, data(l.post_norm), l.eps, normed, H);
+  // Each part is an op to torch.profiler (benchmarks/profile_decode.py reports them); without a profiler a
+  // scope costs a thread-local check.
+  {
+    RECORD_FUNCTION("zili_cpu::rms_norm", std::vector<c10::IValue>());
+    rms_norm(x, H, B, H, data(l.input_norm), l.eps, normed, H);
+  }
+  {
+    RECORD_FUNCTION("zili_cpu::qkv_proj", std::vector<c10::IValue>());
+    run_linear(l.linears[0], normed, B, H, qkv);
+  }
+  {
+    RECORD_FUNCTION("zili_cpu::attention", std::vector<c10::IValue>());
+    attention(qkv, B, shape, cache, data(l.q_norm), data(l.k_norm), l.eps, cos, sin, tables, width, lens, attn);
+  }
+  {
+    RECORD_FUNCTION("zili_cpu::o_proj", std::vector<c10::IValue>());
+    run_linear(l.linears[1], attn, B, Hq * D, projected);
+    add_residual(projected);
+  }
+  {
+    RECORD_FUNCTION("zili_cpu::rms_norm", std::vector<c10::IValue>());
+    rms_norm(x, H, B, H, data(l.post_norm), l.eps, normed, H);
+  }
   const Linear& gate_up_linear = l.linears[2];
   if (l.activation == Activation::kSilu && gate_up_linear.bits == 16 && silu_gate_fusable(B, H, intermediate)) {
+    RECORD_FUNCTION("zili_cpu::gate_up", std::vector<c10::IValue>());  // the activation included
     linear_bf16_silu_gated_threads(normed, B, H, static_cast<const uint16_t*>(gate_up_linear.weight->data_ptr()),
                                    intermediate, bias_of(gate_up_linear), gated);
   } else {
-    run_linear(gate_up_linear, normed, B, H, gate_up);
+    {
+      RECORD_FUNCTION("zili_cpu::gate_up", std::vector<c10::IValue>());
+      run_linear(gate_up_linear, normed, B, H, gate_up);
+    }
+    RECORD_FUNCTION("zili_cpu::activation", std::vector<c10::IValue>());
     gate(l.activation, gate_up, B, intermediate, gated);
   }
+  RECORD_FUNCTION("zili_cpu::down_proj", std::vector<c10::IValue>());
   run_linear(l.linears[3], gated, B, intermediate, projected);
   add_residual(projected);
 }
@@ -778,8 +799,11 @@ struct DecodeLayers : torch::CustomClassHolder {
     const auto* x = static_cast<const uint16_t*>(hidden.data_ptr());
     const auto buffers = scratch_rows<2>({B * H, B * V});
     uint16_t *normed = buffers[0], *rounded = buffers[1];
-    rms_norm(x, H, B, H, static_cast<const uint16_t*>(head->norm->data_ptr()), head->eps, normed, H);
-    run_linear(head->linear, normed, B, H, rounded);
+    {
+      RECORD_FUNCTION("zili_cpu::lm_head", std::vector<c10::IValue>());  // the final norm included
+      rms_norm(x, H, B, H, static_cast<const uint16_t*>(head->norm->data_ptr()), head->eps, normed, H);
+      run_linear(head->linear, normed, B, H, rounded);
+    }
     float* out = logits.data_ptr<float>();
     parallel_chunks(B * V, 1 << 16, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; i += 16) {
