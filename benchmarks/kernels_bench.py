@@ -12,7 +12,7 @@
    zili.kernels.cpu_ext.MAX_KERNEL_ROWS.
 4. quant (--parts quant): zili's int8 / int4 kernels alone (torch.ops.zili_cpu.linear_quant) at M = 1, 2, 4, 8, 16
    on the four layer shapes, int8 per channel, int4 groups of 128 and of 32, next to zili bf16:
-   GB/s of weight bytes (codes + scales + zero_scales) per second against the streaming read, and
+   GB/s of weight bytes (codes + scales + zero_scales where the zero points vary) per second against the streaming read, and
    the fixed cost of one call (a 16-row layer whose weights stay in cache; next to it, the cost of
    a trivial op through the same dispatcher) that every one of the 96 linears of a token pays.
 5. Whole-model batch-1 decode tok/s through zili.LLM's engine (128 tokens after a 16-token
@@ -93,6 +93,8 @@ def copies_of(state, count: int) -> list:
             return s.clone()
         if isinstance(s, tuple):
             return tuple(clone(t) for t in s)
+        if isinstance(s, float):  # a zero point shared by every group
+            return s
         copy = type(s).__new__(type(s))
         copy.__dict__.update(s.__dict__)
         copy._buffers = {name: None if b is None else b.clone() for name, b in s._buffers.items()}
@@ -112,6 +114,8 @@ def on_huge_pages(states: list) -> None:
         elif isinstance(s, tuple):
             for t in s:
                 collect(t)
+        elif isinstance(s, float):
+            pass
         else:
             for b in s.buffers():
                 collect(b)
@@ -217,7 +221,6 @@ QUANT_FORMATS = {"int8": (8, None), "int4-g128": (4, 128), "int4-g32": (4, 32)} 
 def quant_table(target_bytes: int, reps: int, ms: list[int]) -> dict:
     """Per-layer rate of linear_quant (and of linear_bf16, for scale) at each M, plus its fixed cost per call."""
     rows = []
-    op = torch.ops.zili_cpu.linear_quant
     for layer, (k, n) in SHAPES.items():
         if layer == "lm_head":  # not quantized in the benchmark checkpoints
             continue
@@ -230,9 +233,9 @@ def quant_table(target_bytes: int, reps: int, ms: list[int]) -> dict:
             else:
                 group = group or k
                 kernel = (CpuVnniInt8Kernel if bits == 8 else CpuVnniInt4Kernel)(quantized(weight, bits, group))
-                state = (kernel.weight, kernel.scales, kernel.zero_scales)
-                nbytes = sum(t.numel() * t.element_size() for t in state)
-                call = lambda x, s, bits=bits, group=group: op(x, *s, bits, group, None)  # noqa: E731
+                state = (kernel.weight, kernel.scales, kernel.zeros)
+                nbytes = sum(t.numel() * t.element_size() for t in state if isinstance(t, torch.Tensor))
+                call = lambda x, s, bits=bits, group=group: cpu_ext.linear_quant(x, *s, bits, group)  # noqa: E731
             states = copies_of(state, max(1, math.ceil(target_bytes / nbytes)))
             for m in ms:
                 seconds = seconds_per_call(call, states, torch.randn(m, k).bfloat16(), reps)
@@ -246,8 +249,9 @@ def quant_table(target_bytes: int, reps: int, ms: list[int]) -> dict:
         group = group or 896
         kernel = (CpuVnniInt8Kernel if bits == 8 else CpuVnniInt4Kernel)(
             quantized((torch.randn(16, 896) * 0.02).bfloat16(), bits, group))
-        state = (kernel.weight, kernel.scales, kernel.zero_scales)
-        fixed[name] = seconds_per_call(lambda x, s, b=bits, g=group: op(x, *s, b, g, None), [state] * 2000, x, reps) * 1e6
+        state = (kernel.weight, kernel.scales, kernel.zeros)
+        fixed[name] = seconds_per_call(lambda x, s, b=bits, g=group: cpu_ext.linear_quant(x, *s, b, g), [state] * 2000,
+                                       x, reps) * 1e6
     fixed["trivial-op"] = seconds_per_call(lambda x, s: torch.ops.aten.add.Tensor(x, x), [None] * 2000, x, reps) * 1e6
     log("fixed cost per call (16 x 896 weight, in cache): "
         + ", ".join(f"{name} {us:.2f} us" for name, us in fixed.items()))

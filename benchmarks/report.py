@@ -185,16 +185,16 @@ def fused_parts_table(torch_prof: dict, gbps: float | None) -> list[str]:
 
 
 def profile_section(results: dict, key: str = "profile") -> list[str]:
-    """Where one bf16 decode step's time goes (benchmarks/profile_decode.py), at 1 row or at `rows`."""
+    """Where one decode step's time goes (benchmarks/profile_decode.py), at 1 row or at `rows`."""
     prof = results.get(key)
     if not prof:
         return []
     torch_prof = prof.get("torch_profiler", {})
     wall = prof.get("wall_ms_per_token")
     under = torch_prof.get("wall_ms_per_token_under_profiler")
-    rows = prof.get("rows", 1)
-    title = ("## Where zili's batch-1 bf16 decode time goes" if rows == 1 else
-             f"## Where a {rows}-row bf16 decode step's time goes ({rows} requests decoded together)")
+    rows, precision = prof.get("rows", 1), prof.get("precision", "bf16")
+    title = (f"## Where zili's batch-1 {precision} decode time goes" if rows == 1 else
+             f"## Where a {rows}-row {precision} decode step's time goes ({rows} requests decoded together)")
     lines = [title, "",
              f"{fmt(wall, 1)} ms per step without a profiler ({fmt(prof.get('decode_tok_s'))} tok/s), "
              f"{fmt(under, 1)} ms under torch.profiler. Op self-time per step, charged to the innermost zili "
@@ -350,6 +350,7 @@ def render_markdown(results: dict) -> str:
         "",
         *profile_section(results),
         *profile_section(results, "profile_batch"),
+        *profile_section(results, "profile_int4"),
         "## Goals (issue 7)",
         "",
         "| goal | target | measured | status |",

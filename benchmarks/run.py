@@ -7,7 +7,7 @@
 
 Steps: benchmarks/setup_peers.py (pip tools, llama.cpp build), make_checkpoint.py (random
 weights), `zili quantize` (int8 / int4), GGUF conversion (BF16 / Q8_0 / Q4_0), read bandwidth,
-offline figures (each engine in its own process), servers, profiles of zili's bf16 decode (1 and 16 rows)
+offline figures (each engine in its own process), servers, profiles of zili's decode (bf16 at 1 and 16 rows, int4)
 (benchmarks/profile_decode.py), then docs/benchmarks.md and
 docs/benchmarks.png. A step that cannot run (a zili part not there yet) is recorded under
 "Not measured" and the rest goes on. Results: benchmarks/work/results/<date>.json and latest.json.
@@ -322,6 +322,12 @@ def main(argv: list[str] | None = None) -> int:
                         "--steps", str(args.decode_tokens)], "profile-bf16-batch", 3600)
         if out:
             run.results["profile_batch"] = out
+    if "profile" in args.figures and "int4" in zili_paths:
+        out = run.step("profile zili int4 decode", run_child, "profile_decode.py",
+                       ["--model", str(zili_paths["int4"]), "--threads", str(args.threads), "--precision", "int4"],
+                       "profile-int4", 3600)
+        if out:
+            run.results["profile_int4"] = out
 
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")

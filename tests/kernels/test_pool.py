@@ -16,14 +16,14 @@ from test_quant_kernels import KERNELS, random_weight
 
 def quantized(n: int, k: int, bits: int, group_size: int):
     kernel = KERNELS[bits](random_weight(bits, n, k, group_size, symmetric=False))
-    return kernel.weight, kernel.scales, kernel.zero_scales, bits, group_size
+    return kernel.weight, kernel.scales, kernel.zero_scales, 0.0, bits, group_size  # the ops' arguments
 
 
 def results(ops, x, w, b, qweights):
     out = [ops.linear_bf16(x, w, b)]
     for packed in qweights:
         out.append(ops.linear_quant(x, *packed, b))
-        out.append(ops.dequantize(packed[0], packed[1], packed[2], packed[3], packed[4], 5, 300, torch.bfloat16))
+        out.append(ops.dequantize(*packed, 5, 300, torch.bfloat16))
     return out
 
 

@@ -115,6 +115,25 @@ def test_bf16_activations_give_bf16_outputs(cpu_kernels):
     assert half.dtype == torch.float16 and torch.allclose(half.float(), y.float(), rtol=2e-2, atol=1e-3)
 
 
+@pytest.mark.parametrize("bits,k,group", [(4, 256, 128), (8, 192, 64), (8, 256, 256), (4, 384, 384), (4, 160, 32)])
+def test_one_zero_point_gives_the_bits_of_per_group_zero_scales(cpu_kernels, bits, k, group):
+    """Symmetric weights keep one zero point, not (N, G) zero_scales: the same arithmetic, fewer bytes."""
+    kernel = KERNELS[bits](random_weight(bits, 37, k, group, symmetric=True))
+    assert kernel.zero_scales is None and kernel.zero_point == 1 << (bits - 1)
+    zero_scales = kernel.scales * kernel.zero_point  # what the kernel kept before, per group
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(1)).bfloat16()
+    for rows in (x, x[:1]):
+        assert torch.equal(cpu_kernels.linear_quant(rows, kernel.weight, kernel.scales, kernel.zero_point, bits, group),
+                           cpu_kernels.linear_quant(rows, kernel.weight, kernel.scales, zero_scales, bits, group))
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(cpu_kernels.dequantize(kernel.weight, kernel.scales, kernel.zero_point, bits, group,
+                                                  slice(2, 30), dtype),
+                           cpu_kernels.dequantize(kernel.weight, kernel.scales, zero_scales, bits, group, slice(2, 30),
+                                                  dtype))
+    asymmetric = KERNELS[bits](random_weight(bits, 37, k, group, symmetric=False))
+    assert asymmetric.zero_point is None and asymmetric.zero_scales.shape == asymmetric.scales.shape
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_large_inputs_take_the_dequantized_path(cpu_kernels, monkeypatch, bits):
     weight = random_weight(bits, 40, 192, 64, symmetric=False, permuted=True)
@@ -128,13 +147,14 @@ def test_large_inputs_take_the_dequantized_path(cpu_kernels, monkeypatch, bits):
     assert ((kernel(x).double() - reference(x, weight)).abs() <= 1e-5 * magnitude).all()
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("bits,n,k,group", [(8, 40, 192, 64), (4, 17, 192, 64), (4, 33, 896, 128), (8, 5, 256, 256),
                                            (8, 7, 160, 32), (4, 9, 160, 32), (4, 6, 224, 32)])
-def test_dequantize_op_matches_the_pytorch_dequantization(cpu_kernels, bits, n, k, group):
-    kernel = KERNELS[bits](random_weight(bits, n, k, group, symmetric=False))
+def test_dequantize_op_matches_the_pytorch_dequantization(cpu_kernels, bits, n, k, group, symmetric):
+    kernel = KERNELS[bits](random_weight(bits, n, k, group, symmetric=symmetric))
     expected = kernel.dequantized(slice(3, n), torch.float32)      # codes * s - s * z in PyTorch ops
-    assert torch.equal(kernel.codes(slice(None)), random_weight(bits, n, k, group, symmetric=False).codes)
-    args = (kernel.weight, kernel.scales, kernel.zero_scales, bits, group, slice(3, n))
+    assert torch.equal(kernel.codes(slice(None)), random_weight(bits, n, k, group, symmetric=symmetric).codes)
+    args = (kernel.weight, kernel.scales, kernel.zeros, bits, group, slice(3, n))
     fp32 = cpu_kernels.dequantize(*args, torch.float32)
     bf16 = cpu_kernels.dequantize(*args, torch.bfloat16)
     assert fp32.shape == bf16.shape == (n - 3, k) and bf16.dtype == torch.bfloat16
@@ -148,9 +168,9 @@ def test_bias_in_the_op(cpu_kernels, bits, rows):
     weight = random_weight(bits, 26, 128, 64)  # 26 rows: a tail after the 4-row tiles
     kernel = (CpuVnniInt8Kernel if bits == 8 else CpuVnniInt4Kernel)(weight)
     x, bias = torch.randn(rows, 128), torch.randn(26)
-    with_bias = cpu_kernels.linear_quant(x, kernel.weight, kernel.scales, kernel.zero_scales, bits, 64, bias)
+    with_bias = cpu_kernels.linear_quant(x, kernel.weight, kernel.scales, kernel.zeros, bits, 64, bias)
     torch.testing.assert_close(with_bias, kernel(x) + bias, rtol=0, atol=1e-6)
-    with_bias = cpu_kernels.linear_quant(x, kernel.weight, kernel.scales, kernel.zero_scales, bits, 64, bias.bfloat16())
+    with_bias = cpu_kernels.linear_quant(x, kernel.weight, kernel.scales, kernel.zeros, bits, 64, bias.bfloat16())
     torch.testing.assert_close(with_bias, kernel(x) + bias.bfloat16().float(), rtol=0, atol=1e-6)
 
 
@@ -191,6 +211,6 @@ def test_op_with_many_rows_and_scratch_reuse(cpu_kernels):
     kernel = CpuVnniInt4Kernel(weight)
     for m in (1200, 2, 1200, 1):  # large, then small again: the scratch is reused, never stale
         x = torch.randn(m, 896)
-        y = cpu_kernels.linear_quant(x, kernel.weight, kernel.scales, kernel.zero_scales, 4, 32)
+        y = cpu_kernels.linear_quant(x, kernel.weight, kernel.scales, kernel.zeros, 4, 32)
         assert y.shape == (m, 8)
         assert ((y.double() - reference(x, weight)).abs() <= error_bound(x, weight)).all()

@@ -29,19 +29,20 @@ from zili.models.llama import LlamaForCausalLM
 BF16_BITS = 16  # DecodeLayers' code for a dense bf16 weight
 
 
-def _linear_args(layer: nn.Module) -> tuple[list[torch.Tensor | None], list[int]] | None:
-    """(weight, scales, zero_scales, bias), (bits, group size) of one linear layer, or None when
-    the fused layers cannot run it."""
+def _linear_args(layer: nn.Module) -> tuple[list[torch.Tensor | None], list[int], float] | None:
+    """(weight, scales, zero_scales, bias), (bits, group size), zero point (where zero_scales is None) of one
+    linear layer, or None when the fused layers cannot run it."""
     if isinstance(layer, Linear):
         weight, bias = layer.weight, layer.bias
         if weight.dtype != torch.bfloat16 or not weight.is_contiguous():
             return None
-        return [weight, None, None, bias], [BF16_BITS, 0]
+        return [weight, None, None, bias], [BF16_BITS, 0], 0.0
     if isinstance(layer, QuantLinear) and isinstance(layer.kernel, VnniKernel):
         kernel = layer.kernel
         if kernel.perm is not None:
             return None
-        return [kernel.weight, kernel.scales, kernel.zero_scales, layer.bias], [kernel.bits, kernel.group_size]
+        return ([kernel.weight, kernel.scales, kernel.zero_scales, layer.bias], [kernel.bits, kernel.group_size],
+                kernel.zero_point or 0.0)
     return None
 
 
@@ -76,24 +77,25 @@ class FusedDecoder:
                      attn.k_norm.weight if attn.k_norm is not None else None]
             if any(n is not None and n.dtype != torch.bfloat16 for n in norms):
                 return None
-            tensors, codes = list(norms), []
+            tensors, codes, zero_points = list(norms), [], []
             for linear in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
                 args = _linear_args(linear)
                 if args is None or any(t is not None and t.device.type != "cpu" for t in args[0]):
                     return None
                 tensors += args[0]
                 codes += args[1]
+                zero_points.append(args[2])
                 kinds.add("bf16" if args[1][0] == BF16_BITS else "quant")
             ints = [index, attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.sliding_window or 0,
                     cache.block_size, mlp.act.code, *codes]
-            layers.append((tensors, ints, [layer.input_layernorm.eps, attn.scale]))
+            layers.append((tensors, ints, [layer.input_layernorm.eps, attn.scale, *zero_points]))
         fused = cls(model, cache, layers, min(cpu_ext.MAX_KERNEL_ROWS[kind] for kind in kinds))
         inner = model.model
         embedding, norm, head = inner.embed_tokens.weight, inner.norm.weight, _linear_args(model.lm_head)
         if (embedding.dtype == torch.bfloat16 and embedding.is_contiguous() and embedding.device.type == "cpu"
                 and norm.dtype == torch.bfloat16 and head is not None
                 and all(t is None or t.device.type == "cpu" for t in head[0])):
-            fused.layers.set_head([embedding, norm, *head[0]], head[1], [inner.norm.eps])
+            fused.layers.set_head([embedding, norm, *head[0]], head[1], [inner.norm.eps, head[2]])
             fused.vocab_size = head[0][0].shape[0]
         return fused
 

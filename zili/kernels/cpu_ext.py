@@ -121,7 +121,7 @@ def _register_fake_kernels() -> None:
     def linear_shape(x, weight, *args):
         return x.new_empty(x.shape[0], weight.shape[0])
 
-    def dequantize_shape(weight, scales, zero_scales, bits, group_size, row_begin, row_end, dtype):
+    def dequantize_shape(weight, scales, zero_scales, zero_point, bits, group_size, row_begin, row_end, dtype):
         return weight.new_empty(row_end - row_begin, scales.shape[1] * group_size, dtype=dtype)
 
     torch.library.register_fake("zili_cpu::linear_bf16", linear_shape)
@@ -189,17 +189,23 @@ def linear_bf16_silu_gated(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return torch.ops.zili_cpu.linear_bf16_silu_gated(x, weight, bias)
 
 
-def linear_quant(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zero_scales: torch.Tensor,
+def _zero_args(zeros: torch.Tensor | float) -> tuple[torch.Tensor | None, float]:
+    """The ops' (zero_scales, zero_point) for `zeros`: scales * zeros (N, G), or one zero point for all groups."""
+    return (zeros, 0.0) if isinstance(zeros, torch.Tensor) else (None, float(zeros))
+
+
+def linear_quant(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | float,
                  bits: int, group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (M, K) @ W.T for W = (codes - zeros) * scales packed by zili.kernels.quant_kernels."""
-    return torch.ops.zili_cpu.linear_quant(x, weight, scales, zero_scales, bits, group_size, bias)
+    """x (M, K) @ W.T for W = (codes - zeros) * scales packed by zili.kernels.quant_kernels; `zeros`: the
+    zero_scales (scales * zeros, (N, G)), or the one zero point of every group."""
+    return torch.ops.zili_cpu.linear_quant(x, weight, scales, *_zero_args(zeros), bits, group_size, bias)
 
 
-def dequantize(weight: torch.Tensor, scales: torch.Tensor, zero_scales: torch.Tensor, bits: int, group_size: int,
+def dequantize(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | float, bits: int, group_size: int,
                rows: slice, dtype: torch.dtype) -> torch.Tensor:
     """Rows `rows` (a step-1 slice) of a `linear_quant` weight as a dense (rows, K) `dtype` tensor."""
     start, stop, _ = rows.indices(weight.shape[0])
-    return torch.ops.zili_cpu.dequantize(weight, scales, zero_scales, bits, group_size, start, stop, dtype)
+    return torch.ops.zili_cpu.dequantize(weight, scales, *_zero_args(zeros), bits, group_size, start, stop, dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -44,7 +44,8 @@ namespace {
 struct Linear {
   const at::Tensor* weight = nullptr;
   const at::Tensor* scales = nullptr;
-  const at::Tensor* zero_scales = nullptr;
+  const at::Tensor* zero_scales = nullptr;  // nullptr: every group's zero point is zero_point
+  float zero_point = 0.0f;
   const at::Tensor* bias = nullptr;
   int64_t bits = 16;
   int64_t group_size = 0;
@@ -70,8 +71,9 @@ void run_linear(const Linear& linear, const uint16_t* x, int64_t M, int64_t K, u
     return;
   }
   linear_quant_threads(x, true, M, K, linear.weight->data_ptr<uint8_t>(), static_cast<int>(linear.bits),
-                       linear.scales->data_ptr<float>(), linear.zero_scales->data_ptr<float>(), linear.group_size,
-                       bias, out, OutType::kBFloat16, N);
+                       linear.scales->data_ptr<float>(),
+                       linear.zero_scales != nullptr ? linear.zero_scales->data_ptr<float>() : nullptr, linear.zero_point,
+                       linear.group_size, bias, out, OutType::kBFloat16, N);
 }
 
 // out (B, I) = bf16(bf16(act(gate)) * up) for gate_up (B, 2I) = [gate | up], vectorized. Rows go to the
@@ -515,7 +517,7 @@ void check_bf16(const at::Tensor* t, const char* what, int64_t size) {
 
 // One linear layer from tensors[first .. first + 3] = weight, scales?, zero_scales?, bias?, checked.
 Linear make_linear(const c10::List<std::optional<at::Tensor>>& tensors, size_t first, int64_t bits, int64_t group_size,
-                   std::vector<at::Tensor>& keep, const char* name) {
+                   double zero_point, std::vector<at::Tensor>& keep, const char* name) {
   Linear lin;
   lin.weight = optional_at(tensors, first, keep);
   lin.scales = optional_at(tensors, first + 1, keep);
@@ -523,6 +525,7 @@ Linear make_linear(const c10::List<std::optional<at::Tensor>>& tensors, size_t f
   lin.bias = optional_at(tensors, first + 3, keep);
   lin.bits = bits;
   lin.group_size = group_size;
+  lin.zero_point = static_cast<float>(zero_point);
   TORCH_CHECK(lin.weight != nullptr && lin.weight->is_contiguous() && lin.weight->dim() == 2 &&
               lin.weight->device().is_cpu(), name, ": weight must be a contiguous 2-D CPU tensor");
   lin.out_features = lin.weight->size(0);
@@ -530,8 +533,14 @@ Linear make_linear(const c10::List<std::optional<at::Tensor>>& tensors, size_t f
     TORCH_CHECK(lin.weight->scalar_type() == at::kBFloat16, name, ": bf16 weight expected");
   } else {
     TORCH_CHECK((lin.bits == 8 || lin.bits == 4) && lin.weight->scalar_type() == at::kByte && lin.scales != nullptr &&
-                lin.zero_scales != nullptr && lin.group_size > 0 && lin.group_size % 32 == 0,
-                name, ": quantized weights need uint8 codes, scales, zero_scales and a group size of 32k");
+                lin.group_size > 0 && lin.group_size % 32 == 0,
+                name, ": quantized weights need uint8 codes, scales and a group size of 32k");
+    for (const at::Tensor* t : {lin.scales, lin.zero_scales}) {
+      TORCH_CHECK(t == nullptr || (t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 &&
+                                   t->size(0) == lin.out_features), name, ": scales and zero_scales must be contiguous fp32 (N, G)");
+    }
+    TORCH_CHECK(lin.zero_scales == nullptr || lin.zero_scales->size(1) == lin.scales->size(1),
+                name, ": zero_scales must match the scales");
   }
   if (lin.bias != nullptr) {
     TORCH_CHECK(lin.bias->is_contiguous() && lin.bias->numel() == lin.out_features &&
@@ -565,10 +574,10 @@ struct Layer {
 //           zero_scales?, bias?]
 // ints: [layer, q_heads, kv_heads, head_dim, sliding_window (0 none), block_size, activation,
 //        then bits (16 = bf16) and group_size for qkv, o, gate_up, down]
-// floats: [rms_norm_eps, attention scale]
+// floats: [rms_norm_eps, attention scale, then the zero point for qkv, o, gate_up, down (used without zero_scales)]
 std::unique_ptr<Layer> make_layer(const c10::List<std::optional<at::Tensor>>& tensors, const std::vector<int64_t>& ints,
                                   const std::vector<double>& floats) {
-  TORCH_CHECK(tensors.size() == 20 && ints.size() == 15 && floats.size() == 2, "DecodeLayers.add: malformed arguments");
+  TORCH_CHECK(tensors.size() == 20 && ints.size() == 15 && floats.size() == 6, "DecodeLayers.add: malformed arguments");
   auto layer = std::make_unique<Layer>();
   Layer& l = *layer;
   l.keep.resize(tensors.size());
@@ -596,7 +605,8 @@ std::unique_ptr<Layer> make_layer(const c10::List<std::optional<at::Tensor>>& te
   if (l.q_norm != nullptr) check_bf16(l.q_norm, "q_norm", D);
   if (l.k_norm != nullptr) check_bf16(l.k_norm, "k_norm", D);
   for (int i = 0; i < 4; ++i) {
-    l.linears[i] = make_linear(tensors, 4 + 4 * i, ints[7 + 2 * i], ints[8 + 2 * i], l.keep, kLinearNames[i]);
+    l.linears[i] = make_linear(tensors, 4 + 4 * i, ints[7 + 2 * i], ints[8 + 2 * i], floats[2 + i], l.keep,
+                               kLinearNames[i]);
   }
   l.intermediate = l.linears[2].out_features / 2;
   TORCH_CHECK(l.linears[0].out_features == (Hq + 2 * Hkv) * D && l.linears[1].out_features == H &&
@@ -716,10 +726,10 @@ struct DecodeLayers : torch::CustomClassHolder {
   int64_t size() const { return static_cast<int64_t>(layers.size()); }
 
   // tensors: [embedding, norm, lm_head weight, scales?, zero_scales?, bias?]; ints: [bits (16 = bf16), group_size];
-  // floats: [eps].
+  // floats: [eps, the lm_head's zero point (used without zero_scales)].
   void set_head(const c10::List<std::optional<at::Tensor>>& tensors, const std::vector<int64_t>& ints,
                 const std::vector<double>& floats) {
-    TORCH_CHECK(tensors.size() == 6 && ints.size() == 2 && floats.size() == 1, "DecodeLayers.set_head: malformed arguments");
+    TORCH_CHECK(tensors.size() == 6 && ints.size() == 2 && floats.size() == 2, "DecodeLayers.set_head: malformed arguments");
     TORCH_CHECK(!layers.empty(), "DecodeLayers.set_head: add the layers first");
     const int64_t H = layers[0]->hidden;
     auto h = std::make_unique<Head>();
@@ -731,7 +741,7 @@ struct DecodeLayers : torch::CustomClassHolder {
     h->norm = optional_at(tensors, 1, h->keep);
     check_bf16(h->norm, "the final norm", H);
     h->eps = static_cast<float>(floats[0]);
-    h->linear = make_linear(tensors, 2, ints[0], ints[1], h->keep, "lm_head");
+    h->linear = make_linear(tensors, 2, ints[0], ints[1], floats[1], h->keep, "lm_head");
     check_in_features(h->linear, H, "lm_head");
     head = std::move(h);
   }

@@ -26,15 +26,20 @@ inline __m512 load16_as_float(const void* x, bool is_bf16, int64_t i) {
 // (times its channel scale, per channel) minus its zero-point term sum_g zero_scales[g] * group_terms[g],
 // both before the one horizontal sum (a separate sum for the zero-point term cost ~10% of a short-row
 // int8 matmul).
-inline __m512 output_lanes(__m512 acc, bool per_channel, float channel_scale, const float* zero_scales,
-                           const float* group_terms, int64_t G) {
-  if (per_channel)
-    return _mm512_fmadd_ps(acc, _mm512_set1_ps(channel_scale),
-                           _mm512_zextps128_ps512(_mm_set_ss(-zero_scales[0] * group_terms[0])));
+// zero_scales nullptr: s * zero_point in their place (scales: the row's s), the same fp32 product.
+inline __m512 output_lanes(__m512 acc, bool per_channel, const float* scales, const float* zero_scales,
+                           float zero_point, const float* group_terms, int64_t G) {
+  if (per_channel) {
+    const float zero_scale = zero_scales != nullptr ? zero_scales[0] : scales[0] * zero_point;
+    return _mm512_fmadd_ps(acc, _mm512_set1_ps(scales[0]), _mm512_zextps128_ps512(_mm_set_ss(-zero_scale * group_terms[0])));
+  }
   __m512 v = acc;
   for (int64_t g = 0; g < G; g += 16) {
     const __mmask16 mask = tail_mask(G - g);
-    v = _mm512_fnmadd_ps(_mm512_maskz_loadu_ps(mask, zero_scales + g), _mm512_maskz_loadu_ps(mask, group_terms + g), v);
+    const __m512 zs = zero_scales != nullptr
+                          ? _mm512_maskz_loadu_ps(mask, zero_scales + g)
+                          : _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, scales + g), _mm512_set1_ps(zero_point));
+    v = _mm512_fnmadd_ps(zs, _mm512_maskz_loadu_ps(mask, group_terms + g), v);
   }
   return v;
 }
@@ -81,8 +86,8 @@ inline __m512 chunk_scale(const float* p, int64_t i0, int64_t i1) {
 // R rows of W x MB rows of x, activation blocks of BLOCK (32, 64 or 128) inputs.
 template <int R, int MB, int BLOCK, int BITS>
 void quant_tile(const QuantizedRows& xq, int64_t K, const uint8_t* w, const float* scales,
-                const float* zero_scales, int64_t group_size, const Bias& bias, int64_t n0, void* out,
-                int64_t ldo, OutType out_type, int64_t pf) {  // pf: prefetch distance in bytes
+                const float* zero_scales, float zero_point, int64_t group_size, const Bias& bias, int64_t n0,
+                void* out, int64_t ldo, OutType out_type, int64_t pf) {  // pf: prefetch distance in bytes
   const int64_t G = xq.num_groups;
   const bool per_channel = G == 1;  // s[n] is applied once, at the end, instead of at every block
   const int64_t row_bytes = BITS == 8 ? K : xq.ld / 2;
@@ -158,7 +163,8 @@ void quant_tile(const QuantizedRows& xq, int64_t K, const uint8_t* w, const floa
   }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m)
-      acc[r][m] = output_lanes(acc[r][m], per_channel, row_scales[r][0], zero_scales + (n0 + r) * G,
+      acc[r][m] = output_lanes(acc[r][m], per_channel, row_scales[r],
+                               zero_scales != nullptr ? zero_scales + (n0 + r) * G : nullptr, zero_point,
                                xq.group_terms + m * G, G);
   if constexpr (R == 4) {
     const __m128 b = _mm512_castps512_ps128(bias.lanes(n0, 0xf));
@@ -176,8 +182,8 @@ constexpr int tile_rows() { return MB <= 2 ? 4 : MB <= 4 ? 2 : 1; }
 
 template <int MB, int BLOCK, int BITS>
 void quant_rows(const QuantizedRows& xq, int64_t K, const uint8_t* w, const float* scales,
-                const float* zero_scales, int64_t group_size, const Bias& bias, void* out, int64_t ldo,
-                OutType out_type, int64_t n_begin, int64_t n_end) {
+                const float* zero_scales, float zero_point, int64_t group_size, const Bias& bias, void* out,
+                int64_t ldo, OutType out_type, int64_t n_begin, int64_t n_end) {
   constexpr int R = tile_rows<MB>();
   const int64_t row_bytes = BITS == 8 ? K : xq.ld / 2;
   const int64_t tile_bytes = R * row_bytes;  // prefetch distances: whole tiles (of R rows, then of 1 row)
@@ -185,15 +191,17 @@ void quant_rows(const QuantizedRows& xq, int64_t K, const uint8_t* w, const floa
   const int64_t pf1 = (kTilePrefetchBytes + row_bytes - 1) / row_bytes * row_bytes;
   int64_t n = n_begin;
   for (; n + R <= n_end; n += R)
-    quant_tile<R, MB, BLOCK, BITS>(xq, K, w, scales, zero_scales, group_size, bias, n, out, ldo, out_type, pf);
+    quant_tile<R, MB, BLOCK, BITS>(xq, K, w, scales, zero_scales, zero_point, group_size, bias, n, out, ldo, out_type,
+                                   pf);
   for (; n < n_end; ++n)
-    quant_tile<1, MB, BLOCK, BITS>(xq, K, w, scales, zero_scales, group_size, bias, n, out, ldo, out_type, pf1);
+    quant_tile<1, MB, BLOCK, BITS>(xq, K, w, scales, zero_scales, zero_point, group_size, bias, n, out, ldo, out_type,
+                                   pf1);
 }
 
 template <int BLOCK, int BITS>
 void quant_dispatch(const QuantizedRows& xq, int64_t M, int64_t K, const uint8_t* w, const float* scales,
-                    const float* zero_scales, int64_t group_size, const Bias& bias, void* out, int64_t ldo,
-                    OutType out_type, int64_t n_begin, int64_t n_end) {
+                    const float* zero_scales, float zero_point, int64_t group_size, const Bias& bias, void* out,
+                    int64_t ldo, OutType out_type, int64_t n_begin, int64_t n_end) {
   // Beyond 8 rows of x, each panel of W rows is used for every group of 8 rows while it is in cache.
   const int64_t panel = M > 8 ? kPanelRows : n_end - n_begin;
   for (int64_t p = n_begin; p < n_end; p += panel) {
@@ -202,8 +210,8 @@ void quant_dispatch(const QuantizedRows& xq, int64_t M, int64_t K, const uint8_t
       QuantizedRows part = xq;
       part.codes += m0 * xq.ld, part.scales += m0 * xq.scales_ld, part.group_terms += m0 * xq.num_groups;
       char* o = static_cast<char*>(out) + m0 * ldo * (out_type == OutType::kBFloat16 ? 2 : 4);
-#define ZILI_ROWS(MB) quant_rows<MB, BLOCK, BITS>(part, K, w, scales, zero_scales, group_size, bias, o, ldo, \
-                                                   out_type, p, p_end)
+#define ZILI_ROWS(MB) quant_rows<MB, BLOCK, BITS>(part, K, w, scales, zero_scales, zero_point, group_size, bias, o, \
+                                                   ldo, out_type, p, p_end)
       switch (std::min<int64_t>(8, M - m0)) {
         case 1: ZILI_ROWS(1); break;
         case 2: ZILI_ROWS(2); break;
@@ -221,13 +229,16 @@ void quant_dispatch(const QuantizedRows& xq, int64_t M, int64_t K, const uint8_t
 
 template <int BITS>
 void quant_blocks(const QuantizedRows& xq, int64_t M, int64_t K, const uint8_t* w, const float* scales,
-                  const float* zero_scales, int64_t group_size, const Bias& bias, void* out, int64_t ldo,
-                  OutType out_type, int64_t n_begin, int64_t n_end) {
+                  const float* zero_scales, float zero_point, int64_t group_size, const Bias& bias, void* out,
+                  int64_t ldo, OutType out_type, int64_t n_begin, int64_t n_end) {
+#define ZILI_BLOCK(B) quant_dispatch<B, BITS>(xq, M, K, w, scales, zero_scales, zero_point, group_size, bias, out, ldo, \
+                                              out_type, n_begin, n_end)
   switch (xq.block) {
-    case 128: quant_dispatch<128, BITS>(xq, M, K, w, scales, zero_scales, group_size, bias, out, ldo, out_type, n_begin, n_end); break;
-    case 64: quant_dispatch<64, BITS>(xq, M, K, w, scales, zero_scales, group_size, bias, out, ldo, out_type, n_begin, n_end); break;
-    default: quant_dispatch<32, BITS>(xq, M, K, w, scales, zero_scales, group_size, bias, out, ldo, out_type, n_begin, n_end); break;
+    case 128: ZILI_BLOCK(128); break;
+    case 64: ZILI_BLOCK(64); break;
+    default: ZILI_BLOCK(32); break;
   }
+#undef ZILI_BLOCK
 }
 
 }  // namespace
@@ -263,10 +274,13 @@ void quantize_rows(const void* x, bool x_is_bf16, int64_t ldx, int64_t M, int64_
 }
 
 void gemv_quant(const QuantizedRows& xq, int64_t M, int64_t K, const uint8_t* w, int bits, const float* scales,
-                const float* zero_scales, int64_t group_size, Bias bias, void* out, int64_t ldo, OutType out_type,
-                int64_t n_begin, int64_t n_end) {
-  if (bits == 8) quant_blocks<8>(xq, M, K, w, scales, zero_scales, group_size, bias, out, ldo, out_type, n_begin, n_end);
-  else quant_blocks<4>(xq, M, K, w, scales, zero_scales, group_size, bias, out, ldo, out_type, n_begin, n_end);
+                const float* zero_scales, float zero_point, int64_t group_size, Bias bias, void* out, int64_t ldo,
+                OutType out_type, int64_t n_begin, int64_t n_end) {
+  if (bits == 8) {
+    quant_blocks<8>(xq, M, K, w, scales, zero_scales, zero_point, group_size, bias, out, ldo, out_type, n_begin, n_end);
+  } else {
+    quant_blocks<4>(xq, M, K, w, scales, zero_scales, zero_point, group_size, bias, out, ldo, out_type, n_begin, n_end);
+  }
 }
 
 }  // namespace zili_cpu

@@ -164,13 +164,14 @@ void quantize_rows(const void* x, bool x_is_bf16, int64_t ldx, int64_t M, int64_
 //   bits 8: codes (N, K) uint8 row-major.
 //   bits 4: (N, K_padded / 2) uint8; in every 128-input chunk, byte j holds input j in its low
 //           nibble and input j + 64 in its high nibble (K_padded = K rounded up to 128).
-// scales, zero_scales (= s * z): (N, G) fp32.
+// scales, zero_scales (= s * z): (N, G) fp32; zero_scales nullptr: every group's zero point is zero_point
+// (symmetric quantization), and s * zero_point is computed where s is read (half the bytes per group).
 void gemv_quant(const QuantizedRows& xq, int64_t M, int64_t K, const uint8_t* w, int bits,
-                const float* scales, const float* zero_scales, int64_t group_size, Bias bias,
+                const float* scales, const float* zero_scales, float zero_point, int64_t group_size, Bias bias,
                 void* out, int64_t ldo, OutType out_type, int64_t n_begin, int64_t n_end);
 
 // Rows [n_begin, n_end) of such a weight, dequantized: out (n_end - n_begin, K) fp32 or bf16, row-major.
-void dequantize_rows(const uint8_t* w, int bits, int64_t K, const float* scales, const float* zero_scales,
+void dequantize_rows(const uint8_t* w, int bits, int64_t K, const float* scales, const float* zero_scales, float zero_point,
                      int64_t group_size, int64_t n_begin, int64_t n_end, void* out, OutType out_type);
 
 }  // namespace zili_cpu

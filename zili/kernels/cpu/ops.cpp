@@ -74,10 +74,20 @@ at::Tensor linear_bf16_silu_gated(const at::Tensor& x, const at::Tensor& weight,
   return out;
 }
 
+// The scales (N, G) and, where the zero points differ between groups, zero_scales = s * z (N, G): fp32,
+// contiguous; without zero_scales every group's zero point is zero_point. Returns the zero_scales pointer.
+const float* check_scales(const at::Tensor& scales, const std::optional<at::Tensor>& zero_scales, int64_t N, int64_t G) {
+  for (const at::Tensor* t : {&scales, zero_scales ? &*zero_scales : &scales}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 && t->size(0) == N &&
+                t->size(1) == G, "scales and zero_scales must be contiguous fp32 (N, G)");
+  }
+  return zero_scales ? zero_scales->data_ptr<float>() : nullptr;
+}
+
 // (M, K) @ W.T with W = (codes - z) * s stored as kernels.h describes (bits 8 or 4).
 at::Tensor linear_quant(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
-                        const at::Tensor& zero_scales, int64_t bits, int64_t group_size,
-                        const std::optional<at::Tensor>& bias) {
+                        const std::optional<at::Tensor>& zero_scales, double zero_point, int64_t bits,
+                        int64_t group_size, const std::optional<at::Tensor>& bias) {
   check_rows(x);
   TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4");
   TORCH_CHECK(group_size > 0 && group_size % 32 == 0, "group size must be a multiple of 32");
@@ -88,21 +98,19 @@ at::Tensor linear_quant(const at::Tensor& x, const at::Tensor& weight, const at:
   const int64_t row_bytes = bits == 8 ? K : padded_k / 2;
   TORCH_CHECK(weight.scalar_type() == at::kByte && weight.is_contiguous() && weight.dim() == 2 &&
               weight.size(1) == row_bytes, "weight must be contiguous uint8 (N, ", row_bytes, ")");
-  for (const at::Tensor* t : {&scales, &zero_scales}) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 && t->size(0) == N &&
-                t->size(1) == G, "scales and zero_scales must be contiguous fp32 (N, G)");
-  }
+  const float* zs = check_scales(scales, zero_scales, N, G);
   const at::Tensor xc = x.contiguous();
   at::Tensor out = at::empty({M, N}, x.options());
   linear_quant_threads(xc.data_ptr(), xc.scalar_type() == at::kBFloat16, M, K, weight.data_ptr<uint8_t>(),
-                       static_cast<int>(bits), scales.data_ptr<float>(), zero_scales.data_ptr<float>(), group_size,
-                       bias_of(bias, N), out.data_ptr(), out_type_of(out), N);
+                       static_cast<int>(bits), scales.data_ptr<float>(), zs, static_cast<float>(zero_point),
+                       group_size, bias_of(bias, N), out.data_ptr(), out_type_of(out), N);
   return out;
 }
 
 // Rows [row_begin, row_end) of a weight in linear_quant's layout, dequantized to `dtype` (fp32 / bf16).
-at::Tensor dequantize(const at::Tensor& weight, const at::Tensor& scales, const at::Tensor& zero_scales,
-                      int64_t bits, int64_t group_size, int64_t row_begin, int64_t row_end, at::ScalarType dtype) {
+at::Tensor dequantize(const at::Tensor& weight, const at::Tensor& scales, const std::optional<at::Tensor>& zero_scales,
+                      double zero_point, int64_t bits, int64_t group_size, int64_t row_begin, int64_t row_end,
+                      at::ScalarType dtype) {
   TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4");
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dequantize to fp32 or bf16");
   TORCH_CHECK(group_size > 0 && group_size % 32 == 0, "group size must be a multiple of 32");
@@ -110,22 +118,18 @@ at::Tensor dequantize(const at::Tensor& weight, const at::Tensor& scales, const 
   const int64_t padded_k = bits == 4 ? (K + 127) / 128 * 128 : K;
   TORCH_CHECK(weight.scalar_type() == at::kByte && weight.is_contiguous() && weight.dim() == 2 &&
               weight.size(1) == (bits == 8 ? K : padded_k / 2), "weight does not match the scales' groups");
-  for (const at::Tensor* t : {&scales, &zero_scales}) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 && t->size(0) == N &&
-                t->size(1) == G, "scales and zero_scales must be contiguous fp32 (N, G)");
-  }
+  const float* zp = check_scales(scales, zero_scales, N, G);
   TORCH_CHECK(0 <= row_begin && row_begin <= row_end && row_end <= N, "row range out of bounds");
   at::Tensor out = at::empty({row_end - row_begin, K}, weight.options().dtype(dtype));
   const auto* wp = weight.data_ptr<uint8_t>();
   const float* sp = scales.data_ptr<float>();
-  const float* zp = zero_scales.data_ptr<float>();
   char* op = static_cast<char*>(out.data_ptr());
   const OutType type = out_type_of(out);
   const int64_t row_size = K * out.element_size();
   // OpenMP, not pool.h: the slices alternate with oneDNN GEMMs on OpenMP's threads (prefill), and the
   // pool's workers spinning after each slice would take a core from them.
   at::parallel_for(row_begin, row_end, kGrainRows, [&](int64_t begin, int64_t end) {
-    dequantize_rows(wp, static_cast<int>(bits), K, sp, zp, group_size, begin, end,
+    dequantize_rows(wp, static_cast<int>(bits), K, sp, zp, static_cast<float>(zero_point), group_size, begin, end,
                     op + (begin - row_begin) * row_size, type);
   });
   return out;
@@ -136,10 +140,10 @@ at::Tensor dequantize(const at::Tensor& weight, const at::Tensor& scales, const 
 TORCH_LIBRARY(zili_cpu, m) {
   m.def("linear_bf16(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("linear_bf16_silu_gated(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
-  m.def("linear_quant(Tensor x, Tensor weight, Tensor scales, Tensor zero_scales, int bits, int group_size, "
-        "Tensor? bias) -> Tensor");
-  m.def("dequantize(Tensor weight, Tensor scales, Tensor zero_scales, int bits, int group_size, int row_begin, "
-        "int row_end, ScalarType dtype) -> Tensor");
+  m.def("linear_quant(Tensor x, Tensor weight, Tensor scales, Tensor? zero_scales, float zero_point, int bits, "
+        "int group_size, Tensor? bias) -> Tensor");
+  m.def("dequantize(Tensor weight, Tensor scales, Tensor? zero_scales, float zero_point, int bits, int group_size, "
+        "int row_begin, int row_end, ScalarType dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(zili_cpu, CPU, m) {

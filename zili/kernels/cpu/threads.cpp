@@ -33,7 +33,8 @@ void linear_bf16_silu_gated_threads(const uint16_t* x, int64_t M, int64_t K, con
 }
 
 void linear_quant_threads(const void* x, bool x_is_bf16, int64_t M, int64_t K, const uint8_t* w, int bits,
-                          const float* scales, const float* zero_scales, int64_t group_size, Bias bias, void* out,
+                          const float* scales, const float* zero_scales, float zero_point, int64_t group_size,
+                          Bias bias, void* out,
                           OutType out_type, int64_t N) {
   const QuantLayout layout = quant_layout(K, bits, group_size);
   const int64_t G = layout.num_groups, padded_k = layout.padded_k;
@@ -54,7 +55,7 @@ void linear_quant_threads(const void* x, bool x_is_bf16, int64_t M, int64_t K, c
                 group_terms);
   const QuantizedRows rows{codes.data(), padded_k, x_scales, layout.scales_ld, group_terms, G, layout.block};
   parallel_chunks(N, chunk_rows(N, 1), [&](int64_t begin, int64_t end) {
-    gemv_quant(rows, M, K, w, bits, scales, zero_scales, group_size, bias, out, N, out_type, begin, end);
+    gemv_quant(rows, M, K, w, bits, scales, zero_scales, zero_point, group_size, bias, out, N, out_type, begin, end);
   }, kGrainRows);
 }
 

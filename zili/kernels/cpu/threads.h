@@ -30,7 +30,8 @@ void linear_bf16_silu_gated_threads(const uint16_t* x, int64_t M, int64_t K, con
 // x (M, K) fp32 or bf16, row stride K, quantized to int8 per activation block (quant_layout) into
 // scratch buffers, then the VNNI kernel on W as gemv_quant describes, N in chunks across threads.
 void linear_quant_threads(const void* x, bool x_is_bf16, int64_t M, int64_t K, const uint8_t* w, int bits,
-                          const float* scales, const float* zero_scales, int64_t group_size, Bias bias, void* out,
+                          const float* scales, const float* zero_scales, float zero_point, int64_t group_size,
+                          Bias bias, void* out,
                           OutType out_type, int64_t N);
 
 }  // namespace zili_cpu
