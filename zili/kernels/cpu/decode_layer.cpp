@@ -72,8 +72,8 @@ void run_linear(const Linear& linear, const uint16_t* x, int64_t M, int64_t K, u
   }
   linear_quant_threads(x, true, M, K, linear.weight->data_ptr<uint8_t>(), static_cast<int>(linear.bits),
                        linear.scales->data_ptr<float>(),
-                       linear.zero_scales != nullptr ? linear.zero_scales->data_ptr<float>() : nullptr, linear.zero_point,
-                       linear.group_size, bias, out, OutType::kBFloat16, N);
+                       linear.zero_scales != nullptr ? linear.zero_scales->data_ptr<float>() : nullptr,
+                       linear.zero_point, linear.group_size, bias, out, OutType::kBFloat16, N);
 }
 
 // out (B, I) = bf16(bf16(act(gate)) * up) for gate_up (B, 2I) = [gate | up], vectorized. Rows go to the
@@ -537,7 +537,8 @@ Linear make_linear(const c10::List<std::optional<at::Tensor>>& tensors, size_t f
                 name, ": quantized weights need uint8 codes, scales and a group size of 32k");
     for (const at::Tensor* t : {lin.scales, lin.zero_scales}) {
       TORCH_CHECK(t == nullptr || (t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 &&
-                                   t->size(0) == lin.out_features), name, ": scales and zero_scales must be contiguous fp32 (N, G)");
+                                   t->size(0) == lin.out_features),
+                  name, ": scales and zero_scales must be contiguous fp32 (N, G)");
     }
     TORCH_CHECK(lin.zero_scales == nullptr || lin.zero_scales->size(1) == lin.scales->size(1),
                 name, ": zero_scales must match the scales");

@@ -131,9 +131,9 @@ void amx_products(const uint32_t* xg, int64_t gstride, int64_t K, const uint16_t
   if constexpr (NA == 2 && NB == 2) _tile_zero(3);
   const int64_t stride = K * 2;
   const int64_t k_full = K / 32 * 32;
-  auto step = [&](const void* a0, const void* a1, int64_t a0_stride, int64_t a1_stride, const uint32_t* b) {
-    _tile_loadd(4, a0, a0_stride);
-    if constexpr (NA == 2) _tile_loadd(5, a1, a1_stride);
+  auto step = [&](const void* a0, const void* a1, int64_t a_stride, const uint32_t* b) {
+    _tile_loadd(4, a0, a_stride);
+    if constexpr (NA == 2) _tile_loadd(5, a1, a_stride);
     _tile_loadd(6, b, 64);
     if constexpr (NB == 2) _tile_loadd(7, b + gstride, 64);
     _tile_dpbf16ps(0, 4, 6);
@@ -146,7 +146,7 @@ void amx_products(const uint32_t* xg, int64_t gstride, int64_t K, const uint16_t
   // into L1 8.0 or L2 9.1, touching them with loads 8.5).
   // Alternating two sets of A / B tiles (so that loads need not wait for the last products) measured
   // 2-4% slower.
-  for (int64_t k = 0; k < k_full; k += 32) step(w0 + k, w1 + k, stride, stride, xg + k * 8);
+  for (int64_t k = 0; k < k_full; k += 32) step(w0 + k, w1 + k, stride, xg + k * 8);
   if (k_full < K) {  // the last K % 32 inputs of each row, zero-padded to 32
     alignas(64) uint16_t tail[NA][16][32];
     std::memset(tail, 0, sizeof(tail));
@@ -154,7 +154,7 @@ void amx_products(const uint32_t* xg, int64_t gstride, int64_t K, const uint16_t
       for (int r = 0; r < 16; ++r) std::memcpy(tail[a][r], (a == 0 ? w0 : w1) + r * K + k_full, (K - k_full) * 2);
     }
     compiler_barrier();
-    step(tail[0], tail[NA - 1], 64, 64, xg + k_full * 8);
+    step(tail[0], tail[NA - 1], 64, xg + k_full * 8);
   }
 }
 
