@@ -24,6 +24,8 @@ class TokenClock:
         self.times: list[float] = []
 
     def put(self, value) -> None:
+        if value.device.type == "cuda":  # the token exists once its kernels have run
+            torch.cuda.synchronize(value.device)
         self.times.append(time.perf_counter() - self.begin)
 
     def end(self) -> None:
@@ -36,6 +38,8 @@ def timed_generate(model, input_ids: torch.Tensor, new_tokens: int, streamer: To
     with torch.inference_mode():
         out = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, streamer=streamer)
+    if out.device.type == "cuda":
+        torch.cuda.synchronize(out.device)
     elapsed = time.perf_counter() - start
     assert out.shape[1] == input_ids.shape[1] + new_tokens, out.shape
     return elapsed
@@ -54,14 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(args.threads)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).to(args.device).eval()
     generator = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
 
     def random_ids(batch: int, length: int) -> torch.Tensor:
-        return torch.randint(3, vocab, (batch, length), generator=generator)
+        return torch.randint(3, vocab, (batch, length), generator=generator).to(args.device)
 
-    result: dict = {"engine": "transformers", "precision": "bf16", "threads": args.threads}
+    result: dict = {"engine": "transformers", "precision": "bf16", "threads": args.threads, "device": args.device}
     offline_figures(args, result, lambda length: random_ids(1, length), random_ids,
                     lambda input_ids, new_tokens: token_times(model, input_ids, new_tokens),
                     lambda input_ids, new_tokens: timed_generate(model, input_ids, new_tokens))

@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    llm = LLM(args.model, dtype="bfloat16", max_model_len=args.prefill_tokens + args.decode_tokens + 64)
+    max_model_len = args.prefill_tokens + args.decode_tokens + 64
+    llm = LLM(args.model, device=args.device, dtype="bfloat16", max_model_len=max_model_len)
     load_s = time.perf_counter() - start
     rng = random.Random(0)
     vocab = llm.config.vocab_size
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         assert lengths == {new_tokens}, f"expected {new_tokens} new tokens, got {lengths}"
         return elapsed
 
-    result: dict = {"engine": "zili", "precision": args.precision, "threads": args.threads,
+    result: dict = {"engine": "zili", "precision": args.precision, "threads": args.threads, "device": args.device,
                     "zili_version": getattr(zili, "__version__", "?"), "load_s": load_s}
     offline_figures(args, result, random_ids, lambda batch, length: [random_ids(length) for _ in range(batch)],
                     token_times, timed_generate)
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.grouped_steps > 1 and figures & {"decode", "batch"}:  # peak RSS above is the default engine's
         del llm
         gc.collect()
-        llm = LLM(args.model, dtype="bfloat16", max_model_len=args.prefill_tokens + args.decode_tokens + 64,
+        llm = LLM(args.model, device=args.device, dtype="bfloat16", max_model_len=max_model_len,
                   num_scheduler_steps=args.grouped_steps)
         token_times(random_ids(8), 4)  # warm-up
         result["grouped_steps"] = args.grouped_steps
