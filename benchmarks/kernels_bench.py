@@ -12,9 +12,10 @@
    zili.kernels.cpu_ext.MAX_KERNEL_ROWS.
 4. quant (--parts quant): zili's int8 / int4 kernels alone (torch.ops.zili_cpu.linear_quant) at M = 1, 2, 4, 8, 16
    on the four layer shapes, int8 per channel, int4 groups of 128 and of 32, next to zili bf16:
-   GB/s of weight bytes (codes + scales + zero_scales where the zero points vary) per second against the streaming read, and
-   the fixed cost of one call (a 16-row layer whose weights stay in cache; next to it, the cost of
-   a trivial op through the same dispatcher) that every one of the 96 linears of a token pays.
+   GB/s of weight bytes (codes + scales + zero_scales where the zero points vary) per second against
+   the streaming read, and the fixed cost of one call (a 16-row layer whose weights stay in cache;
+   next to it, the cost of a trivial op through the same dispatcher) that every one of the 96 linears
+   of a token pays.
 5. Whole-model batch-1 decode tok/s through zili.LLM's engine (128 tokens after a 16-token
    prompt, one child process per run) with and without the kernels (ZILI_CPU_KERNELS=0), bf16
    and, where benchmarks/work/quantized/ has them, int8 / int4; "% of bound" = tok/s x weight

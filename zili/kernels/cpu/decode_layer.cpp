@@ -535,13 +535,7 @@ Linear make_linear(const c10::List<std::optional<at::Tensor>>& tensors, size_t f
     TORCH_CHECK((lin.bits == 8 || lin.bits == 4) && lin.weight->scalar_type() == at::kByte && lin.scales != nullptr &&
                 lin.group_size > 0 && lin.group_size % 32 == 0,
                 name, ": quantized weights need uint8 codes, scales and a group size of 32k");
-    for (const at::Tensor* t : {lin.scales, lin.zero_scales}) {
-      TORCH_CHECK(t == nullptr || (t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 &&
-                                   t->size(0) == lin.out_features),
-                  name, ": scales and zero_scales must be contiguous fp32 (N, G)");
-    }
-    TORCH_CHECK(lin.zero_scales == nullptr || lin.zero_scales->size(1) == lin.scales->size(1),
-                name, ": zero_scales must match the scales");
+    check_quant_scales(*lin.scales, lin.zero_scales, lin.out_features, -1, name);  // G: checked by check_in_features
   }
   if (lin.bias != nullptr) {
     TORCH_CHECK(lin.bias->is_contiguous() && lin.bias->numel() == lin.out_features &&
@@ -730,7 +724,8 @@ struct DecodeLayers : torch::CustomClassHolder {
   // floats: [eps, the lm_head's zero point (used without zero_scales)].
   void set_head(const c10::List<std::optional<at::Tensor>>& tensors, const std::vector<int64_t>& ints,
                 const std::vector<double>& floats) {
-    TORCH_CHECK(tensors.size() == 6 && ints.size() == 2 && floats.size() == 2, "DecodeLayers.set_head: malformed arguments");
+    TORCH_CHECK(tensors.size() == 6 && ints.size() == 2 && floats.size() == 2,
+                "DecodeLayers.set_head: malformed arguments");
     TORCH_CHECK(!layers.empty(), "DecodeLayers.set_head: add the layers first");
     const int64_t H = layers[0]->hidden;
     auto h = std::make_unique<Head>();

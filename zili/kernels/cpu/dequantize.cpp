@@ -1,5 +1,6 @@
 // Dequantize rows of an int8 / int4 weight in the kernels' layout (kernels.h) to fp32 or bf16:
-// w = codes * s - s * z (zero_scales = s * z, or s * zero_point where it is nullptr), 16 inputs at a time (a group, a multiple of 32 inputs, never splits them).
+// w = codes * s - s * z (zero_scales = s * z, or s * zero_point where it is nullptr), 16 inputs at a time
+// (a group, a multiple of 32 inputs, never splits them).
 // Used for inputs too large for the GEMV kernels: slices of the weight feed PyTorch's GEMM.
 #include <immintrin.h>
 
@@ -24,7 +25,8 @@ inline void store16(__m128i codes, __m512 scale, __m512 zero_scale, void* out, i
 }  // namespace
 
 void dequantize_rows(const uint8_t* w, int bits, int64_t K, const float* scales, const float* zero_scales,
-                     float zero_point, int64_t group_size, int64_t n_begin, int64_t n_end, void* out, OutType out_type) {
+                     float zero_point, int64_t group_size, int64_t n_begin, int64_t n_end, void* out,
+                     OutType out_type) {
   const int64_t G = K / group_size;
   const int64_t padded_k = (K + 127) / 128 * 128;
   const int64_t row_bytes = bits == 8 ? K : padded_k / 2;

@@ -269,15 +269,6 @@ void amx_matmul(const Bf16Rows& rows, const uint16_t* w, const Bias& bias, void*
   if (n < n_end) gemv_bf16(rows.x, rows.ldx, M, K, w, bias, out, ldo, out_type, n, n_end);
 }
 
-// Gate rows [n_begin, n_end) (multiples of 16, within I) of W = [gate | up] against up to 16 rows of x
-// packed by prepare_bf16_rows: out (M, I) as amx_gated_block writes it.
-void amx_gated_matmul(const Bf16Rows& rows, const uint16_t* w, int64_t I, const Bias& bias, uint16_t* out,
-                      int64_t ldo, int64_t n_begin, int64_t n_end) {
-  configure_tiles();
-  for (int64_t n = n_begin; n < n_end; n += 16) amx_gated_block(rows.packed, rows.M, rows.K, w, I, n, bias, out, ldo);
-  _tile_release();
-}
-
 bool use_amx(int64_t M, int64_t K) {
   const int mode = g_path_mode.load(std::memory_order_relaxed);
   if (mode == 2 || !amx_available()) return false;
@@ -333,9 +324,12 @@ bool silu_gate_fusable(int64_t M, int64_t K, int64_t I) {
   return M <= kFusedGateMaxRows && I % 16 == 0 && use_amx(M, K);
 }
 
+// Gate rows [n_begin, n_end) of W = [gate | up], 16 at a time, against the x rows prepare_bf16_rows packed.
 void matmul_bf16_silu_gated(const Bf16Rows& rows, const uint16_t* w, int64_t I, Bias bias, uint16_t* out,
                             int64_t ldo, int64_t n_begin, int64_t n_end) {
-  amx_gated_matmul(rows, w, I, bias, out, ldo, n_begin, n_end);
+  configure_tiles();
+  for (int64_t n = n_begin; n < n_end; n += 16) amx_gated_block(rows.packed, rows.M, rows.K, w, I, n, bias, out, ldo);
+  _tile_release();
 }
 
 TORCH_LIBRARY_FRAGMENT(zili_cpu, m) {

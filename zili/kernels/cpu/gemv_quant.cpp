@@ -31,7 +31,8 @@ inline __m512 output_lanes(__m512 acc, bool per_channel, const float* scales, co
                            float zero_point, const float* group_terms, int64_t G) {
   if (per_channel) {
     const float zero_scale = zero_scales != nullptr ? zero_scales[0] : scales[0] * zero_point;
-    return _mm512_fmadd_ps(acc, _mm512_set1_ps(scales[0]), _mm512_zextps128_ps512(_mm_set_ss(-zero_scale * group_terms[0])));
+    return _mm512_fmadd_ps(acc, _mm512_set1_ps(scales[0]),
+                           _mm512_zextps128_ps512(_mm_set_ss(-zero_scale * group_terms[0])));
   }
   __m512 v = acc;
   for (int64_t g = 0; g < G; g += 16) {
@@ -231,8 +232,8 @@ template <int BITS>
 void quant_blocks(const QuantizedRows& xq, int64_t M, int64_t K, const uint8_t* w, const float* scales,
                   const float* zero_scales, float zero_point, int64_t group_size, const Bias& bias, void* out,
                   int64_t ldo, OutType out_type, int64_t n_begin, int64_t n_end) {
-#define ZILI_BLOCK(B) quant_dispatch<B, BITS>(xq, M, K, w, scales, zero_scales, zero_point, group_size, bias, out, ldo, \
-                                              out_type, n_begin, n_end)
+#define ZILI_BLOCK(B) quant_dispatch<B, BITS>(xq, M, K, w, scales, zero_scales, zero_point, group_size, bias, out, \
+                                              ldo, out_type, n_begin, n_end)
   switch (xq.block) {
     case 128: ZILI_BLOCK(128); break;
     case 64: ZILI_BLOCK(64); break;

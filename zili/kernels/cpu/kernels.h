@@ -171,7 +171,7 @@ void gemv_quant(const QuantizedRows& xq, int64_t M, int64_t K, const uint8_t* w,
                 void* out, int64_t ldo, OutType out_type, int64_t n_begin, int64_t n_end);
 
 // Rows [n_begin, n_end) of such a weight, dequantized: out (n_end - n_begin, K) fp32 or bf16, row-major.
-void dequantize_rows(const uint8_t* w, int bits, int64_t K, const float* scales, const float* zero_scales, float zero_point,
-                     int64_t group_size, int64_t n_begin, int64_t n_end, void* out, OutType out_type);
+void dequantize_rows(const uint8_t* w, int bits, int64_t K, const float* scales, const float* zero_scales,
+                     float zero_point, int64_t group_size, int64_t n_begin, int64_t n_end, void* out, OutType out_type);
 
 }  // namespace zili_cpu

@@ -50,7 +50,8 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight, const std:
 // bf16(bf16(silu(gate)) * up) (M, I) for [gate | up] = x (M, K) @ weight (2I, K).T + bias, bf16, the
 // matmul and the gate in one pass where silu_gate_fusable (the fused decode layers' path); elsewhere
 // linear_bf16 and the gated_activation row op, which give the same bits.
-at::Tensor linear_bf16_silu_gated(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+at::Tensor linear_bf16_silu_gated(const at::Tensor& x, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias) {
   check_rows(x);
   TORCH_CHECK(x.scalar_type() == at::kBFloat16, "x must be bf16");
   TORCH_CHECK(weight.dim() == 2 && weight.size(0) % 2 == 0, "weight must be (2I, K): the gate rows, then the up rows");
@@ -74,16 +75,6 @@ at::Tensor linear_bf16_silu_gated(const at::Tensor& x, const at::Tensor& weight,
   return out;
 }
 
-// The scales (N, G) and, where the zero points differ between groups, zero_scales = s * z (N, G): fp32,
-// contiguous; without zero_scales every group's zero point is zero_point. Returns the zero_scales pointer.
-const float* check_scales(const at::Tensor& scales, const std::optional<at::Tensor>& zero_scales, int64_t N, int64_t G) {
-  for (const at::Tensor* t : {&scales, zero_scales ? &*zero_scales : &scales}) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 && t->size(0) == N &&
-                t->size(1) == G, "scales and zero_scales must be contiguous fp32 (N, G)");
-  }
-  return zero_scales ? zero_scales->data_ptr<float>() : nullptr;
-}
-
 // (M, K) @ W.T with W = (codes - z) * s stored as kernels.h describes (bits 8 or 4).
 at::Tensor linear_quant(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
                         const std::optional<at::Tensor>& zero_scales, double zero_point, int64_t bits,
@@ -98,7 +89,7 @@ at::Tensor linear_quant(const at::Tensor& x, const at::Tensor& weight, const at:
   const int64_t row_bytes = bits == 8 ? K : padded_k / 2;
   TORCH_CHECK(weight.scalar_type() == at::kByte && weight.is_contiguous() && weight.dim() == 2 &&
               weight.size(1) == row_bytes, "weight must be contiguous uint8 (N, ", row_bytes, ")");
-  const float* zs = check_scales(scales, zero_scales, N, G);
+  const float* zs = check_quant_scales(scales, zero_scales ? &*zero_scales : nullptr, N, G, "");
   const at::Tensor xc = x.contiguous();
   at::Tensor out = at::empty({M, N}, x.options());
   linear_quant_threads(xc.data_ptr(), xc.scalar_type() == at::kBFloat16, M, K, weight.data_ptr<uint8_t>(),
@@ -118,7 +109,7 @@ at::Tensor dequantize(const at::Tensor& weight, const at::Tensor& scales, const 
   const int64_t padded_k = bits == 4 ? (K + 127) / 128 * 128 : K;
   TORCH_CHECK(weight.scalar_type() == at::kByte && weight.is_contiguous() && weight.dim() == 2 &&
               weight.size(1) == (bits == 8 ? K : padded_k / 2), "weight does not match the scales' groups");
-  const float* zp = check_scales(scales, zero_scales, N, G);
+  const float* zp = check_quant_scales(scales, zero_scales ? &*zero_scales : nullptr, N, G, "");
   TORCH_CHECK(0 <= row_begin && row_begin <= row_end && row_end <= N, "row range out of bounds");
   at::Tensor out = at::empty({row_end - row_begin, K}, weight.options().dtype(dtype));
   const auto* wp = weight.data_ptr<uint8_t>();

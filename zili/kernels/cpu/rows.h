@@ -92,7 +92,8 @@ inline float activate(Activation act, float g) {
 
 // bf16(silu(g)) * up for 16 lanes of bf16 values g, up (widened): silu(g) = g / (1 + exp(-g)).
 inline __m512 silu_gate(__m512 g, __m512 up) {
-  const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+  const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+  const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
   return _mm512_mul_ps(round_bf16(silu), up);
 }
 

@@ -2,6 +2,7 @@
 #include "threads.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 
 #include <algorithm>
 #include <vector>
@@ -32,10 +33,19 @@ void linear_bf16_silu_gated_threads(const uint16_t* x, int64_t M, int64_t K, con
   }, 16);
 }
 
+const float* check_quant_scales(const at::Tensor& scales, const at::Tensor* zero_scales, int64_t N, int64_t G,
+                                const char* what) {
+  for (const at::Tensor* t : {&scales, zero_scales != nullptr ? zero_scales : &scales}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 && t->size(0) == N &&
+                t->size(1) == (G < 0 ? scales.size(1) : G),
+                what, *what ? ": " : "", "scales and zero_scales must be contiguous fp32 (N, G)");
+  }
+  return zero_scales != nullptr ? zero_scales->data_ptr<float>() : nullptr;
+}
+
 void linear_quant_threads(const void* x, bool x_is_bf16, int64_t M, int64_t K, const uint8_t* w, int bits,
                           const float* scales, const float* zero_scales, float zero_point, int64_t group_size,
-                          Bias bias, void* out,
-                          OutType out_type, int64_t N) {
+                          Bias bias, void* out, OutType out_type, int64_t N) {
   const QuantLayout layout = quant_layout(K, bits, group_size);
   const int64_t G = layout.num_groups, padded_k = layout.padded_k;
   // The quantized activations of decode-sized x live in this thread's scratch buffers, reused across

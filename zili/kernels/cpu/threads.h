@@ -5,6 +5,10 @@
 
 #include "kernels.h"
 
+namespace at {
+class Tensor;
+}
+
 namespace zili_cpu {
 
 constexpr int64_t kGrainRows = 32;  // smallest slice of N (weight rows) worth a thread
@@ -26,6 +30,12 @@ void linear_bf16_threads(const uint16_t* x, int64_t M, int64_t K, const uint16_t
 // silu_gate_fusable(M, K, I).
 void linear_bf16_silu_gated_threads(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t I, Bias bias,
                                     uint16_t* out);
+
+// A quantized weight's scales (N, G) and, where the zero points differ between groups, its zero_scales
+// = s * z (N, G), both contiguous fp32 (G < 0: the scales' own); `what` prefixes the error. Returns the
+// zero_scales pointer for linear_quant_threads (nullptr without them: one zero point for every group).
+const float* check_quant_scales(const at::Tensor& scales, const at::Tensor* zero_scales, int64_t N, int64_t G,
+                                const char* what);
 
 // x (M, K) fp32 or bf16, row stride K, quantized to int8 per activation block (quant_layout) into
 // scratch buffers, then the VNNI kernel on W as gemv_quant describes, N in chunks across threads.
